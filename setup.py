@@ -1,0 +1,33 @@
+"""Installs the ``dirnet_tf`` library (with its compiled resampler, when built).
+
+TensorFlow is deliberately not listed: ``tensorflow`` and ``tensorflow-cpu``
+overwrite each other, so ``make build-ops`` installs one only when
+``import tensorflow`` fails, and users keep whichever they already have.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dirnet-tf",
+    version="0.1.0",
+    description="DIRNet (de Vos et al. 2017) deformable image registration in TensorFlow/Keras",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dirnet_tf", "dirnet_tf.*"]),
+    package_data={"dirnet_tf": ["*.so"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy",
+        "scipy",
+        "h5py",
+        "matplotlib",
+        "tensorboard",
+        "absl-py",
+        "pillow",
+    ],
+    extras_require={
+        "medical": ["pydicom>=2.4"],
+        "baselines": ["itk-elastix"],
+        "test": ["pytest"],
+    },
+)
