@@ -11,5 +11,9 @@ when it has not.
 """
 
 from dirnet_tf.resampling import load_ops, resample
+from dirnet_tf.bspline import bspline_displacement, control_grid_shape
+from dirnet_tf.warping import identity_grid, warp
+from dirnet_tf import layers, losses, metrics
+from dirnet_tf.model import DIRNet
 
 __version__ = "0.1.0"

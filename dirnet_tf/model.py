@@ -1,0 +1,230 @@
+"""DIRNet: regressor + cubic B-spline transformer + resampler as one Keras model."""
+
+import keras
+import tensorflow as tf
+
+from dirnet_tf import losses as _losses
+from dirnet_tf.bspline import control_grid_shape, normalize_spacing
+from dirnet_tf.layers import BSplineTransformer, Regressor, Resampler
+
+__all__ = ["DIRNet"]
+
+
+@keras.saving.register_keras_serializable(package="dirnet_tf")
+class DIRNet(keras.Model):
+    """Deformable image registration network (de Vos et al. 2017).
+
+    Parameters
+    ----------
+    image_shape : sequence of int
+        Spatial size ``(H, W)`` or ``(D, H, W)`` of fixed and moving images.
+    grid_spacing : int or sequence of int
+        B-spline control-point spacing in pixels (powers of two, see
+        :class:`dirnet_tf.layers.Regressor`).
+    boundary : str
+        Resampling boundary: ``"border"`` (default) or ``"zeros"``.
+    channels : int
+        Channels ``C`` of each image (default 1).
+    filters, pointwise_filters, batch_norm, activation
+        Regressor settings (see :class:`dirnet_tf.layers.Regressor`); the
+        default width is 16.
+    similarity : str or callable
+        Similarity loss used by :meth:`registration_loss` (and so by
+        ``fit``): ``"ncc"`` (default, ``-NCC``), ``"local_ncc"``, ``"mse"``
+        or a function ``(fixed, warped) -> scalar``.
+    bending_weight : float
+        Weight of :func:`dirnet_tf.losses.bending_energy` (default 0, the
+        paper's setting).
+    folding_weight : float
+        Weight of :func:`dirnet_tf.losses.folding_penalty` (default 0).
+    **kwargs
+        Passed to ``keras.Model`` (e.g. ``name``).
+
+    Call
+    ----
+    ``model({"fixed": f, "moving": m})`` (or ``model((f, m))``) with each image
+    ``[B, *image_shape, C]`` returns a dict:
+
+    * ``"warped"``: ``resample(m, identity_grid(image_shape) + displacement,
+      boundary=model.boundary)``, ``[B, *image_shape, C]``;
+    * ``"displacement"``: dense field ``[B, *image_shape, ndim]``, pixels, ij;
+    * ``"control_points"``: ``[B, *control_grid_shape, ndim]``.
+
+    Training
+    --------
+    A custom loop uses :meth:`registration_loss` (or :meth:`loss_terms`).
+    ``model.compile(optimizer)`` without a ``loss`` followed by
+    ``model.fit(dataset)`` (elements ``{"fixed": ..., "moving": ...}``) trains
+    unsupervised on the same objective.  If ``compile`` is given a ``loss``,
+    Keras's normal supervised behaviour applies instead.
+    """
+
+    def __init__(
+        self,
+        image_shape,
+        grid_spacing,
+        boundary="border",
+        channels=1,
+        filters=16,
+        pointwise_filters=None,
+        batch_norm=False,
+        activation="elu",
+        similarity="ncc",
+        bending_weight=0.0,
+        folding_weight=0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.image_shape = tuple(int(n) for n in image_shape)
+        if len(self.image_shape) not in (2, 3):
+            raise ValueError(f"image_shape must have 2 or 3 entries, got {image_shape!r}")
+        self.ndim = len(self.image_shape)
+        self.grid_spacing = normalize_spacing(grid_spacing, self.ndim)
+        self.grid_shape = control_grid_shape(self.image_shape, self.grid_spacing)
+        self.channels = int(channels)
+        self.boundary = boundary
+        if isinstance(similarity, str):
+            _losses.get(similarity)  # validate early
+        self.similarity = similarity
+        self.bending_weight = float(bending_weight)
+        self.folding_weight = float(folding_weight)
+        self.regressor = Regressor(
+            self.image_shape,
+            self.grid_spacing,
+            filters=filters,
+            pointwise_filters=pointwise_filters,
+            batch_norm=batch_norm,
+            activation=activation,
+            name="regressor",
+        )
+        self.transformer = BSplineTransformer(self.image_shape, self.grid_spacing, name="bspline")
+        self.resampler = Resampler(boundary, name="resampler")
+        self._build_all()
+
+    def _build_all(self):
+        image = (None,) + self.image_shape + (self.channels,)
+        self.regressor.build(image[:-1] + (2 * self.channels,))
+        self.transformer.build((None,) + self.grid_shape + (self.ndim,))
+        self.resampler.build(image, (None,) + self.image_shape + (self.ndim,))
+        self.built = True
+
+    def build(self, input_shape=None):
+        self._build_all()
+
+    def _unpack(self, inputs):
+        if isinstance(inputs, dict):
+            missing = {"fixed", "moving"} - set(inputs)
+            if missing:
+                raise ValueError(
+                    f"DIRNet inputs must be a dict with keys 'fixed' and 'moving', "
+                    f"got keys {sorted(inputs)}"
+                )
+            fixed, moving = inputs["fixed"], inputs["moving"]
+        elif isinstance(inputs, (list, tuple)) and len(inputs) == 2:
+            fixed, moving = inputs
+        else:
+            raise ValueError(
+                "DIRNet must be called on {'fixed': f, 'moving': m} (or a (fixed, moving) pair)"
+            )
+        fixed = tf.convert_to_tensor(fixed)
+        moving = tf.convert_to_tensor(moving)
+        expected = (None,) + self.image_shape + (self.channels,)
+        for name, x in (("fixed", fixed), ("moving", moving)):
+            shape = tuple(x.shape)
+            if len(shape) != len(expected) or any(
+                e is not None and s is not None and e != s for e, s in zip(expected, shape)
+            ):
+                raise ValueError(
+                    f"DIRNet({self.image_shape}, channels={self.channels}) expects {name} of "
+                    f"shape [B, {', '.join(map(str, expected[1:]))}], got {shape}"
+                )
+        dtype = self.compute_dtype
+        return tf.cast(fixed, dtype), tf.cast(moving, dtype)
+
+    def call(self, inputs, training=None):
+        fixed, moving = self._unpack(inputs)
+        pair = tf.concat([fixed, moving], axis=-1)
+        control_points = self.regressor(pair, training=training)
+        displacement = self.transformer(control_points)
+        warped = self.resampler(moving, displacement)
+        return {
+            "warped": warped,
+            "displacement": displacement,
+            "control_points": control_points,
+        }
+
+    def loss_terms(self, fixed, outputs):
+        """The terms of the registration objective (pure; no state is changed).
+
+        Parameters
+        ----------
+        fixed : Tensor ``[B, *image_shape, C]``.
+        outputs : dict returned by calling the model.
+
+        Returns
+        -------
+        dict of scalars: ``similarity`` (the similarity loss), ``bending``
+        and ``folding`` (unweighted regularisers, computed only when their
+        weight is nonzero, else 0) and ``total`` = similarity +
+        bending_weight * bending + folding_weight * folding.
+        """
+        fixed = tf.cast(fixed, outputs["warped"].dtype)
+        similarity = _losses.get(self.similarity)(fixed, outputs["warped"])
+        zero = tf.zeros((), similarity.dtype)
+        bending = (
+            _losses.bending_energy(outputs["control_points"], self.image_shape, self.grid_spacing)
+            if self.bending_weight
+            else zero
+        )
+        folding = (
+            _losses.folding_penalty(outputs["displacement"]) if self.folding_weight else zero
+        )
+        total = similarity + self.bending_weight * bending + self.folding_weight * folding
+        return {"similarity": similarity, "bending": bending, "folding": folding, "total": total}
+
+    def registration_loss(self, fixed, outputs):
+        """Scalar objective to minimise: ``loss_terms(fixed, outputs)["total"]``.
+
+        Parameters
+        ----------
+        fixed : Tensor ``[B, *image_shape, C]``.
+        outputs : dict returned by calling the model.
+        """
+        return self.loss_terms(fixed, outputs)["total"]
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if self._compile_loss is not None:
+            return super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        fixed, _ = self._unpack(x)
+        loss = self.registration_loss(fixed, y_pred)
+        for extra in self.losses:
+            loss = loss + self._aggregate_additional_loss(extra)
+        return loss
+
+    def get_config(self):
+        reg = self.regressor
+        similarity = self.similarity
+        if not isinstance(similarity, str):
+            similarity = keras.saving.serialize_keras_object(similarity)
+        return {
+            "name": self.name,
+            "image_shape": list(self.image_shape),
+            "grid_spacing": list(self.grid_spacing),
+            "boundary": self.boundary,
+            "channels": self.channels,
+            "filters": list(reg.filters),
+            "pointwise_filters": list(reg.pointwise_filters),
+            "batch_norm": reg.batch_norm,
+            "activation": reg.activation,
+            "similarity": similarity,
+            "bending_weight": self.bending_weight,
+            "folding_weight": self.folding_weight,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        similarity = config.get("similarity", "ncc")
+        if isinstance(similarity, dict):
+            config["similarity"] = keras.saving.deserialize_keras_object(similarity)
+        return cls(**config)

@@ -1,0 +1,237 @@
+"""The DIRNet ConvNet regressor: image pair -> B-spline control-point displacements.
+
+Architecture (de Vos et al. 2017): the fixed and moving images, concatenated on
+the channel axis, pass through alternating 3x3 convolutions (zero padding) and
+2x2 average-pooling downsamplings, then 1x1 convolutions, with ELU activations
+(optionally batch normalisation before each activation).  A final linear 1x1
+convolution outputs ``ndim`` displacement components per control point; its
+kernel and bias start at zero, so an untrained network predicts the identity
+transform.
+
+Geometry -- how the output lands exactly on the control grid.  Along an axis
+with spacing ``s = 2**p`` the network pools ``p`` times by 2 (axes with a
+smaller spacing stop pooling earlier).  With ``N`` pixels there are ``K =
+ceil((N - 1) / s) + 3`` control points, control point ``k`` at pixel ``(k - 1)
+* s``; points ``1 .. K - 2`` cover the image and one extra point lies outside
+it on either side.  The input is zero-padded to exactly ``(K - 2) * s``
+pixels, ``(s - 1) // 2`` before the image and the rest after it, so the ``p``
+poolings give exactly ``K - 2`` cells, cell ``j`` being the block of ``s``
+pixels centred (to within half a pixel) on control point ``j + 1``.  The
+coarse map is then zero-padded by one cell per side (``K`` cells) and the last
+3x3 convolution fills the two outer cells from their inner neighbours.  So
+every output is computed from the image neighbourhood of its own control
+point, for any image size; nothing is resized or cropped, and the padded input
+is no more than ``s`` pixels larger than needed to tile the image.
+"""
+
+import math
+
+import keras
+
+from dirnet_tf.bspline import control_grid_shape, normalize_spacing
+
+__all__ = ["Regressor", "regressor_padding"]
+
+
+def _log2_spacing(spacing):
+    levels = []
+    for s in spacing:
+        p = int(round(math.log2(s))) if s >= 1 else -1
+        if s < 1 or 2**p != s:
+            raise ValueError(
+                f"the regressor needs grid spacings that are powers of two (one 2x2 pooling per "
+                f"factor 2), got grid_spacing {tuple(spacing)}"
+            )
+        levels.append(p)
+    return levels
+
+
+def regressor_padding(image_shape, grid_spacing):
+    """Zero padding the regressor applies to its input, per axis.
+
+    Parameters
+    ----------
+    image_shape : sequence of int
+        Spatial image size.
+    grid_spacing : int or sequence of int
+        Control-point spacing (pixels).
+
+    Returns
+    -------
+    list of ``(before, after)`` pairs; ``N + before + after == (K - 2) * s``.
+    """
+    shape = tuple(int(n) for n in image_shape)
+    spacing = normalize_spacing(grid_spacing, len(shape))
+    grid = control_grid_shape(shape, spacing)
+    pads = []
+    for n, s, k in zip(shape, spacing, grid):
+        before = (s - 1) // 2
+        after = (k - 2) * s - n - before
+        pads.append((before, after))
+    return pads
+
+
+@keras.saving.register_keras_serializable(package="dirnet_tf")
+class Regressor(keras.layers.Layer):
+    """ConvNet regressor mapping a concatenated image pair to control points.
+
+    Parameters
+    ----------
+    image_shape : sequence of int
+        Spatial size ``(H, W)`` or ``(D, H, W)`` of the images.
+    grid_spacing : int or sequence of int
+        Control-point spacing in pixels; powers of two only (``log2 s``
+        poolings along each axis).
+    filters : int or sequence of int
+        Width of the 3x3 convolutions: one int for all, or one per
+        convolution (``max(log2 s) + 1`` of them: one before every pooling
+        and one after the last).
+    pointwise_filters : int or sequence of int or None
+        Widths of the hidden 1x1 convolutions; default two of width
+        ``filters[-1]``.  The final linear 1x1 layer comes on top.
+    batch_norm : bool
+        Batch normalisation between every hidden convolution and its
+        activation.
+    activation : str
+        Hidden activation (default ``"elu"``, as in the paper).
+    **kwargs
+        Passed to ``keras.layers.Layer``.
+
+    Call arguments
+    --------------
+    pair : Tensor ``[B, *image_shape, C]`` (fixed and moving concatenated on
+        channels), or a ``(fixed, moving)`` tuple which is concatenated here.
+    training : bool, for batch normalisation.
+
+    Returns
+    -------
+    Tensor ``[B, *control_grid_shape(image_shape, grid_spacing), ndim]``,
+    displacements in pixels (ij order).
+    """
+
+    def __init__(
+        self,
+        image_shape,
+        grid_spacing,
+        filters=16,
+        pointwise_filters=None,
+        batch_norm=False,
+        activation="elu",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.image_shape = tuple(int(n) for n in image_shape)
+        ndim = len(self.image_shape)
+        if ndim not in (2, 3):
+            raise ValueError(f"image_shape must have 2 or 3 entries, got {image_shape!r}")
+        self.ndim = ndim
+        self.grid_spacing = normalize_spacing(grid_spacing, ndim)
+        self.grid_shape = control_grid_shape(self.image_shape, self.grid_spacing)
+        self.levels = _log2_spacing(self.grid_spacing)
+        depth = max(self.levels)
+        if isinstance(filters, int):
+            filters = [filters] * (depth + 1)
+        filters = [int(f) for f in filters]
+        if len(filters) != depth + 1 or any(f < 1 for f in filters):
+            raise ValueError(
+                f"filters must be a positive int or {depth + 1} positive ints (one per 3x3 "
+                f"convolution for grid_spacing {self.grid_spacing}), got {filters!r}"
+            )
+        self.filters = filters
+        if pointwise_filters is None:
+            pointwise_filters = [filters[-1]] * 2
+        elif isinstance(pointwise_filters, int):
+            pointwise_filters = [pointwise_filters]
+        self.pointwise_filters = [int(f) for f in pointwise_filters]
+        self.batch_norm = bool(batch_norm)
+        self.activation = activation
+        self.padding = regressor_padding(self.image_shape, self.grid_spacing)
+
+        conv = keras.layers.Conv2D if ndim == 2 else keras.layers.Conv3D
+        pool = keras.layers.AveragePooling2D if ndim == 2 else keras.layers.AveragePooling3D
+        zero_pad = keras.layers.ZeroPadding2D if ndim == 2 else keras.layers.ZeroPadding3D
+
+        def block(width, kernel, name):
+            layers = [
+                conv(width, kernel, padding="same", use_bias=not self.batch_norm,
+                     kernel_initializer="he_normal", name=name)
+            ]
+            if self.batch_norm:
+                layers.append(keras.layers.BatchNormalization(name=name + "_bn"))
+            layers.append(keras.layers.Activation(activation, name=name + "_act"))
+            return layers
+
+        self._stack = []
+        for level in range(depth + 1):
+            if level == depth:
+                # K - 2 cells -> K: one border cell per side, filled by the 3x3 conv.
+                self._stack.append(zero_pad(padding=1, name="grid_border"))
+            self._stack += block(filters[level], 3, f"conv{level}")
+            if level < depth:
+                size = tuple(2 if level < p else 1 for p in self.levels)
+                self._stack.append(pool(pool_size=size, strides=size, name=f"pool{level}"))
+        for i, width in enumerate(self.pointwise_filters):
+            self._stack += block(width, 1, f"pointwise{i}")
+        self.output_conv = conv(
+            ndim, 1, padding="same", kernel_initializer="zeros", bias_initializer="zeros",
+            name="control_points",
+        )
+
+    def build(self, input_shape):
+        if isinstance(input_shape, (list, tuple)) and input_shape and isinstance(
+            input_shape[0], (list, tuple)
+        ):
+            channels = sum(int(s[-1]) for s in input_shape)
+            input_shape = tuple(input_shape[0][:-1]) + (channels,)
+        self._check_shape(input_shape)
+        shape = (input_shape[0],) + tuple(
+            n + b + a for n, (b, a) in zip(self.image_shape, self.padding)
+        ) + (input_shape[-1],)
+        for layer in self._stack:
+            layer.build(shape)
+            shape = layer.compute_output_shape(shape)
+        self.output_conv.build(shape)
+        self.built = True
+
+    def _check_shape(self, shape):
+        shape = tuple(shape)
+        if len(shape) != self.ndim + 2 or any(
+            s is not None and s != n for s, n in zip(shape[1:-1], self.image_shape)
+        ):
+            raise ValueError(
+                f"Regressor for image_shape {self.image_shape} expects input [B, "
+                f"{', '.join(map(str, self.image_shape))}, C], got shape {shape}"
+            )
+        if shape[-1] is None:
+            raise ValueError(f"Regressor needs a known channel count, got input shape {shape}")
+
+    def call(self, pair, training=None):
+        if isinstance(pair, (list, tuple)):
+            pair = keras.ops.concatenate(list(pair), axis=-1)
+        self._check_shape(pair.shape)
+        x = keras.ops.pad(pair, [(0, 0)] + [tuple(p) for p in self.padding] + [(0, 0)])
+        for layer in self._stack:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                x = layer(x, training=training)
+            else:
+                x = layer(x)
+        return self.output_conv(x)
+
+    def compute_output_shape(self, input_shape):
+        if isinstance(input_shape, (list, tuple)) and input_shape and isinstance(
+            input_shape[0], (list, tuple)
+        ):
+            input_shape = input_shape[0]
+        return (input_shape[0],) + self.grid_shape + (self.ndim,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            image_shape=list(self.image_shape),
+            grid_spacing=list(self.grid_spacing),
+            filters=list(self.filters),
+            pointwise_filters=list(self.pointwise_filters),
+            batch_norm=self.batch_norm,
+            activation=self.activation,
+        )
+        return config
