@@ -1,0 +1,250 @@
+"""DIRNet, the regressor and the Keras layers: geometry, identity at init,
+gradients, training with fit, serialisation, 2-D and 3-D."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import dirnet_tf
+from dirnet_tf import layers
+from dirnet_tf.regressor import regressor_padding
+
+
+def _pair(shape, batch=2, channels=1, seed=0):
+    rng = np.random.default_rng(seed)
+    size = (batch,) + tuple(shape) + (channels,)
+    return rng.random(size, dtype=np.float32), rng.random(size, dtype=np.float32)
+
+
+def _randomize_output_layer(model, scale=0.3, seed=1):
+    conv = model.regressor.output_conv
+    rng = np.random.default_rng(seed)
+    conv.kernel.assign(rng.normal(scale=scale, size=conv.kernel.shape).astype(np.float32))
+    conv.bias.assign(rng.normal(scale=scale, size=conv.bias.shape).astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "shape,spacing",
+    [((28, 28), 8), ((28, 28), 4), ((30, 17), (4, 2)), ((13, 21), (1, 8)), ((9, 10, 11), (2, 4, 1))],
+)
+def test_regressor_lands_on_control_grid(shape, spacing):
+    grid = dirnet_tf.control_grid_shape(shape, spacing)
+    reg = layers.Regressor(shape, spacing, filters=4)
+    fixed, moving = _pair(shape, batch=1)
+    out = reg(np.concatenate([fixed, moving], -1))
+    assert tuple(out.shape) == (1,) + grid + (len(shape),)
+    # Same through the (fixed, moving) tuple form.
+    assert tuple(reg((fixed, moving)).shape) == tuple(out.shape)
+    # The padding tiles the (K - 2) inner control cells exactly.
+    s = spacing if isinstance(spacing, tuple) else (spacing,) * len(shape)
+    for n, sd, k, (before, after) in zip(shape, s, grid, regressor_padding(shape, spacing)):
+        assert before >= 0 and after >= 0 and n + before + after == (k - 2) * sd
+
+
+def test_regressor_rejects_non_power_of_two_spacing():
+    with pytest.raises(ValueError, match=r"powers of two.*\(4, 3\)"):
+        layers.Regressor((16, 16), (4, 3))
+    with pytest.raises(ValueError, match="expects input"):
+        layers.Regressor((16, 16), 4)(np.zeros((1, 16, 15, 2), np.float32))
+
+
+def test_identity_at_init_and_contract():
+    shape = (28, 28)
+    model = dirnet_tf.DIRNet(shape, 8)
+    assert model.image_shape == shape and model.grid_spacing == (8, 8)
+    assert model.boundary == "border"
+    fixed, moving = _pair(shape)
+    out = model({"fixed": fixed, "moving": moving})
+    assert set(out) == {"warped", "displacement", "control_points"}
+    assert tuple(out["control_points"].shape) == (2,) + dirnet_tf.control_grid_shape(shape, 8) + (2,)
+    np.testing.assert_array_equal(out["displacement"].numpy(), 0.0)
+    np.testing.assert_allclose(out["warped"].numpy(), moving, atol=1e-6)
+
+    # With a non-trivial output layer: warped == resample(moving, grid + displacement).
+    for boundary in ("border", "zeros"):
+        model = dirnet_tf.DIRNet(shape, 4, boundary=boundary, filters=8)
+        _randomize_output_layer(model)
+        out = model({"fixed": fixed, "moving": moving})
+        disp = out["displacement"].numpy()
+        assert np.abs(disp).max() > 0.1
+        expected = dirnet_tf.resample(
+            moving, dirnet_tf.identity_grid(shape) + disp, boundary=boundary
+        ).numpy()
+        np.testing.assert_allclose(out["warped"].numpy(), expected, atol=1e-6)
+        np.testing.assert_allclose(
+            disp,
+            dirnet_tf.bspline_displacement(out["control_points"], shape, 4).numpy(),
+            atol=1e-6,
+        )
+        graph = tf.function(lambda f, m: model({"fixed": f, "moving": m}))
+        np.testing.assert_allclose(graph(fixed, moving)["warped"].numpy(), out["warped"].numpy(),
+                                   atol=1e-5)
+
+
+def _grads(model, fixed, moving):
+    with tf.GradientTape() as tape:
+        out = model({"fixed": fixed, "moving": moving}, training=True)
+        loss = model.registration_loss(fixed, out)
+    return loss, tape.gradient(loss, model.trainable_weights)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_gradients_reach_every_weight(batch_norm):
+    shape = (20, 24)
+    model = dirnet_tf.DIRNet(shape, 4, filters=8, batch_norm=batch_norm)
+    fixed, moving = _pair(shape, batch=3, seed=2)
+    _, grads = _grads(model, fixed, moving)
+    names = [w.path for w in model.trainable_weights]
+    final = [g for w, g in zip(model.trainable_weights, grads) if "control_points" in w.path]
+    assert len(final) == 2 and all(np.abs(g.numpy()).max() > 0 for g in final), names
+    opt = keras.optimizers.Adam(1e-3)
+    opt.apply_gradients(zip(grads, model.trainable_weights))
+    _, grads = _grads(model, fixed, moving)
+    for w, g in zip(model.trainable_weights, grads):
+        assert g is not None and np.abs(g.numpy()).max() > 0, w.path
+
+
+def test_fit_unsupervised_and_jit_guard():
+    shape = (16, 16)
+    model = dirnet_tf.DIRNet(shape, 4, filters=4, bending_weight=0.01, folding_weight=0.1)
+    assert model.resampler.supports_jit is False
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    assert model.jit_compile is False  # "auto" never picks XLA for the custom op
+    with pytest.warns(UserWarning, match="jit_compile"):
+        model.jit_compile = True
+    assert model.jit_compile is False
+    fixed, moving = _pair(shape, batch=8, seed=3)
+    ds = tf.data.Dataset.from_tensor_slices({"fixed": fixed, "moving": moving}).batch(4)
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    history = model.fit(ds, epochs=2, verbose=0)
+    losses = history.history["loss"]
+    assert len(losses) == 2 and np.isfinite(losses).all()
+    # The loss fit reports is the registration objective (evaluate does the same).
+    out = model({"fixed": fixed, "moving": moving})
+    expected = float(model.registration_loss(fixed, out))
+    assert abs(model.evaluate(tf.data.Dataset.from_tensor_slices(
+        {"fixed": fixed, "moving": moving}).batch(8), verbose=0) - expected) < 1e-4
+    changed = [not np.array_equal(b, w.numpy()) for b, w in zip(before, model.trainable_weights)]
+    assert all(changed)
+
+
+def test_loss_terms_are_pure_and_weighted():
+    shape = (16, 12)
+    model = dirnet_tf.DIRNet(shape, 4, filters=4, bending_weight=0.5, folding_weight=2.0,
+                             similarity="mse")
+    _randomize_output_layer(model, scale=1.0)
+    fixed, moving = _pair(shape)
+    out = model({"fixed": fixed, "moving": moving})
+    terms = model.loss_terms(fixed, out)
+    sim = dirnet_tf.losses.mse_loss(fixed, out["warped"])
+    bend = dirnet_tf.losses.bending_energy(out["control_points"], shape, 4)
+    fold = dirnet_tf.losses.folding_penalty(out["displacement"])
+    np.testing.assert_allclose(float(terms["similarity"]), float(sim), rtol=1e-6)
+    np.testing.assert_allclose(float(terms["bending"]), float(bend), rtol=1e-6)
+    np.testing.assert_allclose(float(terms["folding"]), float(fold), rtol=1e-6)
+    np.testing.assert_allclose(float(terms["total"]), float(sim + 0.5 * bend + 2.0 * fold),
+                               rtol=1e-5)
+    assert float(bend) > 0
+    assert not model.losses  # nothing was added as a side effect
+
+
+def test_keras_round_trip_2d(tmp_path):
+    shape = (24, 20)
+    model = dirnet_tf.DIRNet(shape, (8, 4), boundary="zeros", filters=[4, 6, 8, 8],
+                             pointwise_filters=[5, 3], batch_norm=True, similarity="local_ncc",
+                             bending_weight=0.1)
+    _randomize_output_layer(model)
+    fixed, moving = _pair(shape, seed=4)
+    # A training-mode call updates the batch-norm statistics away from their init values.
+    bn = model.regressor._stack[1]
+    assert isinstance(bn, keras.layers.BatchNormalization)
+    model({"fixed": fixed, "moving": moving}, training=True)
+    assert np.abs(bn.moving_mean.numpy()).max() > 0
+    path = os.path.join(tmp_path, "dirnet.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, dirnet_tf.DIRNet)
+    assert loaded.image_shape == shape and loaded.grid_spacing == (8, 4)
+    assert loaded.boundary == "zeros" and loaded.similarity == "local_ncc"
+    assert loaded.bending_weight == 0.1
+    a = model({"fixed": fixed, "moving": moving})
+    b = loaded({"fixed": fixed, "moving": moving})
+    for key in a:
+        np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
+
+
+def test_3d_forward_gradient_round_trip(tmp_path):
+    shape = (8, 10, 9)
+    model = dirnet_tf.DIRNet(shape, (4, 2, 4), filters=4, channels=2)
+    fixed, moving = _pair(shape, batch=2, channels=2, seed=5)
+    out = model({"fixed": fixed, "moving": moving})
+    np.testing.assert_allclose(out["warped"].numpy(), moving, atol=1e-6)
+    _randomize_output_layer(model)
+    out = model({"fixed": fixed, "moving": moving})
+    assert tuple(out["displacement"].shape) == (2,) + shape + (3,)
+    assert tuple(out["control_points"].shape) == (2,) + dirnet_tf.control_grid_shape(
+        shape, (4, 2, 4)) + (3,)
+    expected = dirnet_tf.resample(moving, dirnet_tf.identity_grid(shape) + out["displacement"],
+                                  boundary="border")
+    np.testing.assert_allclose(out["warped"].numpy(), expected.numpy(), atol=1e-6)
+    loss, grads = _grads(model, fixed, moving)
+    assert np.isfinite(float(loss))
+    assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
+    assert np.abs(grads[-2].numpy()).max() > 0  # output kernel
+    assert sum(float(tf.reduce_sum(tf.abs(g))) > 0 for g in grads) == len(grads)
+    path = os.path.join(tmp_path, "dirnet3d.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    b = loaded({"fixed": fixed, "moving": moving})
+    for key in out:
+        np.testing.assert_array_equal(out[key].numpy(), b[key].numpy())
+
+
+def test_layers_serialise_and_compose():
+    shape = (12, 10)
+    transformer = layers.BSplineTransformer(shape, (4, 2))
+    clone = layers.BSplineTransformer.from_config(transformer.get_config())
+    grid = dirnet_tf.control_grid_shape(shape, (4, 2))
+    cp = np.random.default_rng(7).normal(size=(2,) + grid + (2,)).astype(np.float32)
+    np.testing.assert_array_equal(transformer(cp).numpy(), clone(cp).numpy())
+    np.testing.assert_allclose(transformer(cp).numpy(),
+                               dirnet_tf.bspline_displacement(cp, shape, (4, 2)).numpy())
+    resampler = layers.Resampler(boundary="zeros")
+    assert layers.Resampler.from_config(resampler.get_config()).boundary == "zeros"
+    image = np.random.default_rng(8).random((2,) + shape + (3,), dtype=np.float32)
+    disp = transformer(cp)
+    np.testing.assert_allclose(
+        resampler(image, disp).numpy(),
+        dirnet_tf.resample(image, dirnet_tf.identity_grid(shape) + disp, "zeros").numpy(),
+        atol=1e-6,
+    )
+    reg = layers.Regressor(shape, (4, 2), filters=[3, 4, 5], batch_norm=True)
+    reg2 = layers.Regressor.from_config(reg.get_config())
+    assert reg2.get_config() == reg.get_config()
+    # A functional model from the three layers serialises too.
+    f = keras.Input(shape + (1,))
+    m = keras.Input(shape + (1,))
+    cps = reg(keras.ops.concatenate([f, m], axis=-1))
+    warped = layers.Resampler()(m, layers.BSplineTransformer(shape, (4, 2))(cps))
+    functional = keras.Model([f, m], warped)
+    restored = keras.Model.from_config(functional.get_config())
+    assert [type(x).__name__ for x in restored.layers] == [
+        type(x).__name__ for x in functional.layers]
+    with pytest.raises(ValueError, match="boundary"):
+        layers.Resampler(boundary="wrap")
+
+
+def test_bad_inputs():
+    model = dirnet_tf.DIRNet((16, 16), 4, filters=4)
+    fixed, moving = _pair((16, 16))
+    with pytest.raises(ValueError, match="'fixed' and 'moving'"):
+        model({"fixed": fixed, "mov": moving})
+    with pytest.raises(ValueError, match=r"expects moving of shape \[B, 16, 16, 1\]"):
+        model({"fixed": fixed, "moving": moving[:, :, :15]})
+    with pytest.raises(ValueError, match="similarity"):
+        dirnet_tf.DIRNet((16, 16), 4, similarity="nope")
+    with pytest.raises(ValueError, match="boundary"):
+        dirnet_tf.DIRNet((16, 16), 4, boundary="reflect")
