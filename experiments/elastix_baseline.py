@@ -1,0 +1,361 @@
+"""Iterative B-spline registration with elastix: the baseline DIRNet is compared with.
+
+The registration settings live in committed elastix parameter files,
+``baselines/elastix/bspline_gs8.txt`` and ``bspline_gs4.txt`` (cubic B-spline
+transform with a final control-point spacing of 8 or 4 pixels, 2 resolutions,
+250 iterations per resolution, full sampling, ``AdvancedNormalizedCorrelation``,
+adaptive stochastic gradient descent, linear interpolation, 0 outside the
+image), and the thread count in ``baselines/elastix/settings.json``.
+
+It needs the optional package ``itk-elastix`` (``pip install -e .[baselines]``
+or ``pip install itk-elastix``); importing this module works without it, and
+using it then raises an :class:`ImportError` that says how to install it.
+
+Conventions are DIRNet's: for a fixed image ``F`` and a moving image ``M`` the
+result is ``warped(p) = M(p + displacement(p))`` with ``displacement`` in pixels,
+ij order (``[..., 0]`` along rows), evaluated at every fixed-image pixel ``p``;
+``warped`` equals ``dirnet_tf.resample(M, identity + displacement,
+boundary="zeros")`` up to float rounding.
+
+Python::
+
+    from experiments.elastix_baseline import ElastixRegistration
+    reg = ElastixRegistration(grid_spacing=8)          # threads from settings.json
+    out = reg.register_batch(fixed, moving)            # [N, 28, 28, 1] each
+    out["warped"], out["displacement"], out["seconds"]
+
+Command line (from the repository root), on held-out MNIST test pairs::
+
+    python -m experiments.elastix_baseline --grid_spacing=8 --num_pairs=20
+    python -m experiments.elastix_baseline --grid_spacing=4 --pairs=logs/mnist/eval_pairs.json
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import weakref
+
+import numpy as np
+
+BASELINE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "baselines", "elastix")
+SETTINGS_FILE = os.path.join(BASELINE_DIR, "settings.json")
+INSTALL_HINT = "install it with `pip install -e .[baselines]` (or `pip install itk-elastix`)"
+
+
+def import_itk():
+    """Import ``itk`` with the elastix module.
+
+    Returns
+    -------
+    module
+        The ``itk`` package.
+
+    Raises
+    ------
+    ImportError
+        When ``itk-elastix`` is not installed; the message says how to install it.
+    """
+    try:
+        import itk  # noqa: PLC0415 - optional dependency
+        itk.ElastixRegistrationMethod  # noqa: B018 - lazy attribute; fails without itk-elastix
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"the elastix baseline needs the package itk-elastix: {INSTALL_HINT} "
+                          f"({type(exc).__name__}: {exc})") from exc
+    return itk
+
+
+def elastix_available():
+    """Whether ``itk-elastix`` can be imported.
+
+    Returns
+    -------
+    bool
+    """
+    try:
+        import_itk()
+    except ImportError:
+        return False
+    return True
+
+
+def load_settings(path=SETTINGS_FILE):
+    """Read the committed baseline settings (thread count, parameter file per grid spacing).
+
+    Parameters
+    ----------
+    path : str
+        ``settings.json`` (default: the committed one).
+
+    Returns
+    -------
+    dict
+        ``{"threads": int, "parameter_files": {"8": path, "4": path}}`` with absolute paths.
+    """
+    try:
+        with open(path) as f:
+            settings = json.load(f)
+        threads = int(settings["threads"])
+        files = {str(k): os.path.join(os.path.dirname(os.path.abspath(path)), v)
+                 for k, v in settings["parameter_files"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a valid elastix baseline settings file: {exc}") from exc
+    if threads < 1:
+        raise ValueError(f"{path}: threads must be >= 1, got {threads}")
+    return {"threads": threads, "parameter_files": files}
+
+
+def parameter_file(grid_spacing, settings_path=SETTINGS_FILE):
+    """Path of the committed elastix parameter file for a grid spacing.
+
+    Parameters
+    ----------
+    grid_spacing : int
+        Final control-point spacing in pixels (a key of ``settings.json``: 8 or 4).
+    settings_path : str
+        The settings file that lists the parameter files.
+
+    Returns
+    -------
+    str
+    """
+    files = load_settings(settings_path)["parameter_files"]
+    key = str(int(grid_spacing))
+    if key not in files:
+        raise ValueError(f"no elastix parameter file for grid spacing {grid_spacing}; "
+                         f"{settings_path} has {sorted(files, key=int)}")
+    if not os.path.isfile(files[key]):
+        raise ValueError(f"elastix parameter file {files[key]} (grid spacing {grid_spacing}) is missing")
+    return files[key]
+
+
+def _as_batch(name, array):
+    """``[N, H, W]`` or ``[N, H, W, 1]`` (or one ``[H, W]`` / ``[H, W, 1]`` image) -> float32 ``[N, H, W]``."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must be a numeric image array, got dtype {array.dtype}")
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    elif array.ndim == 2:
+        array = array[None]
+    elif array.ndim == 3 and array.shape[-1] == 1 and array.shape[0] != 1:
+        # one [H, W, 1] image (a batch of [H, W] images would rarely have W == 1)
+        array = array[None, ..., 0]
+    if array.ndim != 3 or min(array.shape[1:]) < 4:
+        raise ValueError(f"{name} must be 2-D single-channel images [N, H, W(, 1)] of at least 4x4 "
+                         f"pixels, got shape {np.shape(array)}")
+    array = array.astype(np.float32)
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} contains non-finite pixel values")
+    return array
+
+
+class ElastixRegistration:
+    """Pairwise iterative B-spline registration with elastix.
+
+    Parameters
+    ----------
+    grid_spacing : int
+        Final control-point spacing in pixels; selects ``bspline_gs{grid_spacing}.txt``
+        unless ``parameter_file`` is given.
+    threads : int or None
+        Threads per registration (``None``: the committed ``settings.json`` value).
+    parameter_file : str or None
+        Another elastix parameter file to use instead of the committed one.
+    """
+
+    def __init__(self, grid_spacing=8, threads=None, parameter_file=None):
+        self.itk = import_itk()
+        settings = load_settings()
+        self.grid_spacing = int(grid_spacing)
+        self.threads = int(threads if threads is not None else settings["threads"])
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        path = parameter_file or globals()["parameter_file"](grid_spacing)
+        if not os.path.isfile(path):
+            raise ValueError(f"elastix parameter file {path} does not exist")
+        self.parameter_file = os.path.abspath(path)
+        self.parameters = self.itk.ParameterObject.New()
+        self.parameters.AddParameterFile(self.parameter_file)
+        # Results must come back in memory; the files leave them to elastix's defaults otherwise.
+        self.parameters.SetParameter("WriteResultImage", "true")
+        # transformix writes the deformation field to a file as well: keep it out of the cwd.
+        self._scratch = tempfile.mkdtemp(prefix="dirnet_elastix_")
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._scratch, True)
+
+    def close(self):
+        """Delete the scratch directory that transformix writes into."""
+        self._cleanup()
+
+    def _image(self, array):
+        image = self.itk.image_from_array(np.ascontiguousarray(array, dtype=np.float32))
+        image.SetSpacing([1.0, 1.0])
+        image.SetOrigin([0.0, 0.0])
+        return image
+
+    def register(self, fixed, moving, compute_displacement=True):
+        """Register one pair.
+
+        Parameters
+        ----------
+        fixed, moving : array ``[H, W]`` (or ``[H, W, 1]``), same shape.
+        compute_displacement : bool
+            Also return the dense displacement field (computed with transformix
+            after the timed registration).
+
+        Returns
+        -------
+        dict
+            ``warped`` float32 ``[H, W]``, ``displacement`` float32 ``[H, W, 2]``
+            (ij order, pixels; ``None`` when not computed) and ``seconds`` (wall
+            time of the registration alone, including the numpy/ITK conversions).
+        """
+        out = self.register_batch(fixed, moving, compute_displacement)
+        return {"warped": out["warped"][0, ..., 0],
+                "displacement": None if out["displacement"] is None else out["displacement"][0],
+                "seconds": float(out["seconds"][0])}
+
+    def register_batch(self, fixed, moving, compute_displacement=True, progress=None):
+        """Register pairs one after another (elastix has no batched mode).
+
+        Parameters
+        ----------
+        fixed, moving : arrays ``[N, H, W]`` or ``[N, H, W, 1]`` with the same shape.
+        compute_displacement : bool
+            Also return the dense displacement fields (not timed).
+        progress : callable or None
+            Called as ``progress(done, total)`` after each pair.
+
+        Returns
+        -------
+        dict
+            ``warped`` float32 ``[N, H, W, 1]``, ``displacement`` float32
+            ``[N, H, W, 2]`` (ij order, pixels) or ``None``, ``seconds`` float64 ``[N]``.
+        """
+        fixed = _as_batch("fixed", fixed)
+        moving = _as_batch("moving", moving)
+        if fixed.shape != moving.shape:
+            raise ValueError(f"fixed and moving must have the same shape, got {fixed.shape} "
+                             f"and {moving.shape}")
+        itk = self.itk
+        n, h, w = fixed.shape
+        warped = np.zeros((n, h, w, 1), np.float32)
+        displacement = np.zeros((n, h, w, 2), np.float32) if compute_displacement else None
+        seconds = np.zeros(n, np.float64)
+        for k in range(n):
+            start = time.perf_counter()
+            f_img, m_img = self._image(fixed[k]), self._image(moving[k])
+            try:
+                result, transform = itk.elastix_registration_method(
+                    f_img, m_img, parameter_object=self.parameters,
+                    number_of_threads=self.threads, log_to_console=False)
+            except Exception as exc:  # noqa: BLE001 - ITK raises RuntimeError subclasses
+                raise RuntimeError(f"elastix failed on pair {k} ({h}x{w}, grid spacing "
+                                   f"{self.grid_spacing}): {exc}") from exc
+            warped[k, ..., 0] = itk.array_from_image(result)
+            seconds[k] = time.perf_counter() - start
+            if compute_displacement:
+                transformix = itk.TransformixFilter.New(
+                    moving_image=m_img, transform_parameter_object=transform)
+                transformix.SetComputeDeformationField(True)
+                transformix.SetOutputDirectory(self._scratch)
+                transformix.LogToConsoleOff()
+                transformix.UpdateLargestPossibleRegion()
+                field = transformix.GetOutputDeformationField()
+                # ITK vectors are (x, y) = (column, row): flip to ij.
+                displacement[k] = np.asarray(itk.array_from_image(field))[..., ::-1]
+            if progress is not None:
+                progress(k + 1, n)
+        return {"warped": warped, "displacement": displacement, "seconds": seconds}
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _ncc(a, b):
+    """Per-pair global NCC of ``[N, ...]`` arrays (numpy, for the console summary)."""
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-12)
+
+
+def interleave_digits(digits):
+    """Order pair indices so that every prefix covers the classes evenly.
+
+    Parameters
+    ----------
+    digits : array of int ``[P]``
+        The class of each pair.
+
+    Returns
+    -------
+    ndarray of int ``[P]``
+        Indices: the first pair of each digit, then the second of each, ...
+    """
+    digits = np.asarray(digits)
+    rank = np.zeros(len(digits), np.int64)
+    for d in np.unique(digits):
+        members = np.flatnonzero(digits == d)
+        rank[members] = np.arange(len(members))
+    return np.lexsort((digits, rank))
+
+
+def main(argv=None):
+    """``python -m experiments.elastix_baseline``: register held-out MNIST test pairs."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--grid_spacing", type=int, default=8, help="8 or 4 (committed files)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per registration (default: baselines/elastix/settings.json)")
+    parser.add_argument("--parameter_file", default=None, help="use this elastix parameter file")
+    parser.add_argument("--pairs", default=None,
+                        help="eval_pairs.json saved by the MNIST evaluation (default: draw pairs)")
+    parser.add_argument("--hdf5", default=None, help="MNIST HDF5 file (default: data.mnist's)")
+    parser.add_argument("--num_pairs", type=int, default=20,
+                        help="use the first N pairs, spread over the digits (0: all)")
+    parser.add_argument("--out", default=None, help="write a JSON summary here")
+    args = parser.parse_args(argv)
+
+    from data import mnist  # noqa: PLC0415 - run from the repository root
+
+    hdf5 = args.hdf5 or mnist.DEFAULT_HDF5
+    if args.pairs:
+        record = mnist.load_eval_pairs(args.pairs, hdf5=args.hdf5)
+        fixed, moving, digits = record["fixed"], record["moving"], record["digits"]
+    else:
+        images, labels, _ = mnist.load("test", hdf5=hdf5)
+        pairs = np.asarray(mnist.make_eval_pairs(labels, per_digit=100, seed=0))
+        fixed, moving, digits = images[pairs[:, 0]], images[pairs[:, 1]], pairs[:, 2]
+    if args.num_pairs:
+        # Interleave the digits so that a prefix covers every class.
+        order = interleave_digits(digits)[:args.num_pairs]
+        fixed, moving, digits = fixed[order], moving[order], digits[order]
+
+    reg = ElastixRegistration(args.grid_spacing, threads=args.threads,
+                              parameter_file=args.parameter_file)
+    out = reg.register_batch(fixed, moving, compute_displacement=False)
+    before, after = _ncc(fixed, moving), _ncc(fixed, out["warped"])
+    summary = {
+        "grid_spacing": args.grid_spacing, "threads": reg.threads,
+        "parameter_file": os.path.relpath(reg.parameter_file), "pairs": int(len(fixed)),
+        "ncc_before": float(before.mean()), "ncc_after": float(after.mean()),
+        "ms_per_pair_median": float(1000 * np.median(out["seconds"])),
+        "ms_per_pair_mean": float(1000 * np.mean(out["seconds"])),
+    }
+    print(f"elastix gs={args.grid_spacing} threads={reg.threads}: {len(fixed)} pairs, NCC "
+          f"{summary['ncc_before']:.4f} -> {summary['ncc_after']:.4f}, "
+          f"{summary['ms_per_pair_median']:.1f} ms/pair (median; mean "
+          f"{summary['ms_per_pair_mean']:.1f})")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
