@@ -99,8 +99,34 @@ def ncc_loss(fixed, warped, eps=1e-5, reduction="mean"):
 
 
 def _box_mean(x, window):
+    """Mean over a ``window`` box centred on every pixel, boxes cut at the border.
+
+    float32/float16 use ``tf.nn.avg_pool`` (``"SAME"`` padding excludes the
+    padding from the average); other dtypes (float64 has no 3-D CPU kernel)
+    use separable cumulative sums with the same box placement.
+    """
     ndim = x.shape.rank - 2
-    return tf.nn.avg_pool(x, ksize=window, strides=[1] * ndim, padding="SAME")
+    if x.dtype in (tf.float32, tf.float16, tf.bfloat16):
+        if ndim == 2:
+            return tf.nn.avg_pool2d(x, ksize=window, strides=1, padding="SAME",
+                                    data_format="NHWC")
+        return tf.nn.avg_pool3d(x, ksize=window, strides=1, padding="SAME", data_format="NDHWC")
+    for d, w in enumerate(window):
+        axis = 1 + d
+        n = x.shape[axis]
+        before = (w - 1) // 2
+        pads = [[0, 0]] * x.shape.rank
+        pads[axis] = [before + 1, w - 1 - before]
+        csum = tf.cumsum(tf.pad(x, pads), axis=axis)
+        upper = tf.gather(csum, tf.range(w, w + n), axis=axis)
+        lower = tf.gather(csum, tf.range(0, n), axis=axis)
+        ones = tf.pad(tf.ones([n], x.dtype), [[before + 1, w - 1 - before]])
+        ccount = tf.cumsum(ones)
+        count = tf.gather(ccount, tf.range(w, w + n)) - tf.gather(ccount, tf.range(0, n))
+        shape = [1] * x.shape.rank
+        shape[axis] = n
+        x = (upper - lower) / tf.reshape(count, shape)
+    return x
 
 
 def local_ncc(fixed, warped, window=9, eps=1e-5):

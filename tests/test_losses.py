@@ -1,0 +1,181 @@
+"""Losses and regularisers against numpy references; numerical gradients."""
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import dirnet_tf
+from dirnet_tf import losses
+
+
+def ncc_ref(a, b, eps):
+    a = a - a.mean()
+    b = b - b.mean()
+    return (a * b).mean() / np.sqrt((a * a).mean() * (b * b).mean() + eps)
+
+
+def local_ncc_ref(a, b, window, eps):
+    """Windowed NCC with boxes cut at the border, one channel at a time, by loops."""
+    spatial = a.shape[:-1]
+    half = [(w - 1) // 2 for w in window]
+    vals = []
+    for c in range(a.shape[-1]):
+        for x in itertools.product(*[range(n) for n in spatial]):
+            box = tuple(slice(max(0, x[d] - half[d]), min(spatial[d], x[d] - half[d] + window[d]))
+                        for d in range(len(spatial)))
+            pa, pb = a[box + (c,)], b[box + (c,)]
+            cov = (pa * pb).mean() - pa.mean() * pb.mean()
+            va = max((pa * pa).mean() - pa.mean() ** 2, 0.0)
+            vb = max((pb * pb).mean() - pb.mean() ** 2, 0.0)
+            vals.append(cov / np.sqrt(va * vb + eps))
+    return np.mean(vals)
+
+
+def test_global_ncc():
+    rng = np.random.default_rng(0)
+    a = rng.random((3, 9, 8, 2))
+    b = rng.random((3, 9, 8, 2))
+    got = losses.ncc(a, b, eps=1e-5).numpy()
+    np.testing.assert_allclose(got, [ncc_ref(a[i], b[i], 1e-5) for i in range(3)], rtol=1e-6)
+    np.testing.assert_allclose(losses.ncc(a, 2 * a + 1, eps=0.0).numpy(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(losses.ncc(a, -a, eps=0.0).numpy(), -1.0, rtol=1e-6)
+    # The loss is -NCC: signed, not squared.
+    np.testing.assert_allclose(float(losses.ncc_loss(a, -a, eps=0.0)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(losses.ncc_loss(a, b, reduction="none").numpy(), -got, rtol=1e-6)
+    np.testing.assert_allclose(float(losses.ncc_loss(a, b)), -got.mean(), rtol=1e-6)
+    graph = tf.function(lambda x, y: losses.ncc_loss(x, y))
+    np.testing.assert_allclose(float(graph(a, b)), -got.mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,window", [((7, 6), (3, 3)), ((7, 6), (5, 2)), ((4, 5, 3), (3, 3, 3))])
+def test_local_ncc(shape, window):
+    rng = np.random.default_rng(1)
+    a = rng.random((2,) + shape + (2,))
+    b = 0.5 * a + rng.random(a.shape)
+    got = losses.local_ncc(a, b, window=window, eps=1e-5).numpy()
+    ref = [local_ncc_ref(a[i], b[i], window, 1e-5) for i in range(2)]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(losses.local_ncc_loss(a, b, window=window)), -np.mean(got),
+                               rtol=1e-5)
+    # float32 goes through avg_pool, float64 through cumulative sums: same result.
+    got32 = losses.local_ncc(a.astype(np.float32), b.astype(np.float32), window=window, eps=1e-5)
+    np.testing.assert_allclose(got32.numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_mse():
+    rng = np.random.default_rng(2)
+    a = rng.random((2, 5, 4, 1))
+    b = rng.random((2, 5, 4, 1))
+    np.testing.assert_allclose(losses.mse_loss(a, b, reduction="none").numpy(),
+                               ((a - b) ** 2).reshape(2, -1).mean(1), rtol=1e-6)
+    assert losses.get("mse") is losses.mse_loss and losses.get("ncc") is losses.ncc_loss
+    with pytest.raises(ValueError, match="unknown similarity"):
+        losses.get("cosine")
+    with pytest.raises(ValueError, match="same shape"):
+        losses.mse_loss(a, b[:, :4])
+
+
+@pytest.mark.parametrize("fn", [losses.ncc_loss, losses.local_ncc_loss, losses.mse_loss])
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_constant_images_are_finite(fn, ndim):
+    shape = (1,) + (5,) * ndim + (1,)
+    const = tf.fill(shape, 0.7)
+    varying = tf.constant(np.random.default_rng(3).random(shape), tf.float32)
+    for a, b in [(const, const), (const, varying), (varying, const)]:
+        with tf.GradientTape() as tape:
+            tape.watch(b)
+            value = fn(a, b)
+        grad = tape.gradient(value, b)
+        assert np.isfinite(float(value)), fn.__name__
+        assert np.isfinite(grad.numpy()).all(), fn.__name__
+    if fn is not losses.mse_loss:
+        assert abs(float(fn(const, varying))) < 1e-4  # correlation with a constant is 0
+
+
+def test_similarity_gradients_numerical():
+    rng = np.random.default_rng(4)
+    a = tf.constant(rng.random((1, 5, 4, 1)))
+    b = tf.constant(rng.random((1, 5, 4, 1)))
+    for fn in (lambda y: losses.ncc_loss(a, y), lambda y: losses.local_ncc_loss(a, y, window=3),
+               lambda y: losses.mse_loss(a, y)):
+        fn = tf.function(fn)
+        theoretical, numerical = tf.test.compute_gradient(fn, [b])
+        np.testing.assert_allclose(theoretical[0], numerical[0], atol=1e-6)
+        assert np.abs(theoretical[0]).max() > 0
+
+
+def bending_ref(cp, shape, spacing):
+    """Bending energy by brute force from the analytic B-spline derivatives."""
+    def beta(t, m):
+        a = abs(t)
+        s = np.sign(t)
+        if m == 0:
+            return 2 / 3 - a * a + a**3 / 2 if a < 1 else ((2 - a) ** 3 / 6 if a < 2 else 0.0)
+        if m == 1:
+            return s * (-2 * a + 1.5 * a * a) if a < 1 else (s * -0.5 * (2 - a) ** 2 if a < 2 else 0.0)
+        return -2 + 3 * a if a < 1 else (2 - a if a < 2 else 0.0)
+
+    ndim = len(shape)
+    grid = cp.shape[:-1]
+    # tables[d][m][x, k] = d^m/dx^m beta(x / s - k + 1), from the scalar formulas.
+    tables = [[np.array([[beta(x / spacing[d] - k + 1, m) / spacing[d] ** m
+                          for k in range(grid[d])] for x in range(shape[d])])
+               for m in range(3)] for d in range(ndim)]
+    total = 0.0
+    for d in range(ndim):
+        for e in range(ndim):
+            orders = [0] * ndim
+            orders[d] += 1
+            orders[e] += 1
+            field = cp
+            for i in range(ndim):
+                # contract grid axis i of `field` with tables[i][orders[i]]
+                field = np.moveaxis(np.tensordot(tables[i][orders[i]], field, axes=([1], [i])), 0, i)
+            total += (field**2).sum()
+    return total / np.prod(shape)
+
+
+@pytest.mark.parametrize("shape,spacing", [((6, 7), (2, 3)), ((3, 4, 3), (2, 2, 1))])
+def test_bending_energy(shape, spacing):
+    grid = dirnet_tf.control_grid_shape(shape, spacing)
+    ndim = len(shape)
+    cp = np.random.default_rng(5).normal(size=(2,) + grid + (ndim,))
+    got = losses.bending_energy(cp, shape, spacing, reduction="none").numpy()
+    np.testing.assert_allclose(got, [bending_ref(cp[i], shape, spacing) for i in range(2)],
+                               rtol=1e-6)
+    # Affine fields do not bend.
+    A = np.random.default_rng(6).normal(size=(ndim, ndim))
+    pos = np.stack(np.meshgrid(*[(np.arange(k) - 1.0) * s for k, s in zip(grid, spacing)],
+                               indexing="ij"), -1)
+    affine = (pos @ A.T + 3.0)[None]
+    assert float(losses.bending_energy(affine, shape, spacing)) < 1e-10
+    theoretical, numerical = tf.test.compute_gradient(
+        tf.function(lambda c: losses.bending_energy(c, shape, spacing)), [tf.constant(cp[:1])])
+    np.testing.assert_allclose(theoretical[0], numerical[0], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_jacobian_and_folding_penalty(ndim):
+    rng = np.random.default_rng(7)
+    shape = (2,) + (5, 4, 3)[:ndim] + (ndim,)
+    u = rng.normal(scale=0.8, size=shape)
+    det = losses.jacobian_determinant(u).numpy()
+    ref = np.empty(shape[:-1])
+    for b in range(shape[0]):
+        jac = np.stack([np.stack(np.gradient(u[b, ..., c]), -1) for c in range(ndim)], -2)
+        ref[b] = np.linalg.det(jac + np.eye(ndim))
+    np.testing.assert_allclose(det, ref, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(det, dirnet_tf.metrics.jacobian_determinant(u), rtol=1e-6,
+                               atol=1e-9)
+    assert (ref <= 0).any() and (ref > 0).any()
+    pen = losses.folding_penalty(u, epsilon=0.1, reduction="none").numpy()
+    np.testing.assert_allclose(pen, np.maximum(0.1 - ref, 0).reshape(2, -1).mean(1), rtol=1e-6)
+    # Identity: no folding at all; gradient of the penalty is finite.
+    assert float(losses.folding_penalty(np.zeros(shape))) == 0.0
+    theoretical, numerical = tf.test.compute_gradient(
+        tf.function(lambda v: losses.folding_penalty(v, epsilon=0.1)), [tf.constant(u[:1])])
+    np.testing.assert_allclose(theoretical[0], numerical[0], atol=1e-5)
+    with pytest.raises(ValueError, match="displacement"):
+        losses.jacobian_determinant(np.zeros((1, 4, 4, 3)))
