@@ -76,7 +76,11 @@ def define_flags():
     define("enum", "lr_schedule", "cosine", "Learning-rate schedule: constant or cosine decay "
            "(with a short linear warm-up).", ["constant", "cosine"])
     define("integer", "grid_spacing", 8, "B-spline control-point spacing in pixels (a power of two).")
-    define("integer", "filters", 32, "Width of the regressor's convolutions.")
+    define("string", "filters", "32", "Width of the regressor's 3x3 convolutions: one int, or a comma "
+           "list with one per convolution (log2(grid_spacing) + 1 of them).")
+    define("string", "pointwise_filters", "", "Widths of the regressor's hidden 1x1 convolutions, a comma "
+           "list (empty: the regressor's default, two of the last 3x3 width).")
+    define("bool", "batch_norm", False, "Batch normalisation in the regressor.")
     define("enum", "similarity", "ncc", "Similarity loss.", list(SIMILARITIES))
     define("float", "bending_weight", 0.0, "Weight of the B-spline bending energy (0 = paper).")
     define("float", "folding_weight", 0.0, "Weight of the Jacobian folding penalty (0 = paper).")
@@ -93,6 +97,25 @@ def define_flags():
            list(STRATEGIES))
     define("bool", "mixed_precision", False, "mixed_float16 compute in the regressor; the B-spline "
            "field and the resampling stay float32 (meant for GPUs; works but is slow on CPU).")
+
+
+def parse_int_list(text):
+    """``"32"`` -> ``32``; ``"16,32,64"`` -> ``[16, 32, 64]``; ``""`` -> ``None``.
+
+    Parameters
+    ----------
+    text : str or int
+    """
+    if isinstance(text, int):
+        return text
+    parts = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not parts:
+        return None
+    try:
+        values = [int(t) for t in parts]
+    except ValueError:
+        raise ValueError(f"expected an int or a comma list of ints, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
 
 
 def set_flag_defaults(**defaults):

@@ -42,12 +42,13 @@ flags.DEFINE_bool("evaluate", True, "Evaluate on the test pairs after training."
 FLAGS = flags.FLAGS
 IMAGE_SHAPE = (28, 28)
 DEFAULTS = dict(steps=3000, batch_size=32, learning_rate=1e-3, lr_schedule="cosine", grid_spacing=8,
-                filters=32, logdir=os.path.join("runs", "mnist"),
+                filters="32", logdir=os.path.join("runs", "mnist"),
                 export_dir=os.path.join("exports", "mnist"), log_every=100, eval_every=500,
                 checkpoint_every=500)
 
 
-def build_model(grid_spacing, filters, boundary="border", mixed_precision=False):
+def build_model(grid_spacing, filters, boundary="border", mixed_precision=False, pointwise_filters=None,
+                batch_norm=False):
     """The MNIST DIRNet (28x28, one channel).
 
     Parameters
@@ -58,13 +59,18 @@ def build_model(grid_spacing, filters, boundary="border", mixed_precision=False)
         Regressor width.
     boundary : str
         Resampling boundary mode.
+    pointwise_filters : int, list of int or None
+        Regressor hidden 1x1 widths (None: its default).
+    batch_norm : bool
+        Batch normalisation in the regressor.
     mixed_precision : bool
         Keep the B-spline transformer and the resampler in float32 when the global
         policy is ``mixed_float16``.
     """
     from dirnet_tf import DIRNet
 
-    model = DIRNet(IMAGE_SHAPE, grid_spacing, boundary=boundary, filters=filters)
+    model = DIRNet(IMAGE_SHAPE, grid_spacing, boundary=boundary, filters=filters,
+                   pointwise_filters=pointwise_filters, batch_norm=batch_norm)
     if mixed_precision:
         training.keep_float32(model)
     return model
@@ -168,8 +174,10 @@ def run(config):
     loss = training.make_registration_loss(config["similarity"], config["bending_weight"],
                                            config["folding_weight"], IMAGE_SHAPE, config["grid_spacing"])
     trainer = training.Trainer(
-        lambda: build_model(config["grid_spacing"], config["filters"],
-                            mixed_precision=config["mixed_precision"]),
+        lambda: build_model(config["grid_spacing"], training.parse_int_list(config["filters"]),
+                            mixed_precision=config["mixed_precision"],
+                            pointwise_filters=training.parse_int_list(config["pointwise_filters"]),
+                            batch_norm=config["batch_norm"]),
         loss, sampler, logdir=config["logdir"], steps=config["steps"], batch_size=config["batch_size"],
         learning_rate=config["learning_rate"], lr_schedule=config["lr_schedule"], strategy=strategy,
         mixed_precision=config["mixed_precision"], validation=validation, log_every=config["log_every"],
