@@ -1,0 +1,1 @@
+"""Dataset loaders and generators, run from the repository root as ``python -m data.<name>``."""

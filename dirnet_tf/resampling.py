@@ -75,10 +75,15 @@ def ops_available():
 
 @tf.RegisterGradient("Dirnet>Resample")
 def _resample_grad(op, grad):
+    # Under a GradientTape, TensorFlow tells the gradient function which inputs
+    # need no gradient (``skip_input_indices``).  DIRNet warps a constant moving
+    # image, so the image-gradient scatter (the costly half) is then skipped.
+    skip = getattr(op, "skip_input_indices", None) or ()
+    need_image = 0 not in skip
     grad_image, grad_coords = load_ops().dirnet_resample_grad(
-        op.inputs[0], op.inputs[1], grad, boundary=op.get_attr("boundary")
+        op.inputs[0], op.inputs[1], grad, boundary=op.get_attr("boundary"), image_grad=need_image
     )
-    return [grad_image, grad_coords]
+    return [grad_image if need_image else None, grad_coords]
 
 
 def _in_xla_context():

