@@ -64,7 +64,7 @@ STRUCTURES = {"lv_cavity": 1, "myocardium": 2}
 NUM_LABELS = len(sunnybrook.LABEL_NAMES)
 PHANTOM_SIZE = 64
 DEFAULTS = dict(steps=1200, batch_size=32, learning_rate=1e-3, lr_schedule="cosine", grid_spacing=8,
-                filters=32, logdir=os.path.join("runs", "cardiac"),
+                filters="32", logdir=os.path.join("runs", "cardiac"),
                 export_dir=os.path.join("exports", "cardiac"), log_every=50, eval_every=250,
                 checkpoint_every=250)
 
@@ -432,11 +432,31 @@ def _print_summary(m):
 # --------------------------------------------------------------------------- main
 
 
-def build_model(image_size, grid_spacing, filters, boundary="border", mixed_precision=False):
-    """The cardiac DIRNet (``image_size x image_size``, one channel)."""
+def build_model(image_size, grid_spacing, filters, boundary="border", mixed_precision=False,
+                pointwise_filters=None, batch_norm=False):
+    """The cardiac DIRNet (``image_size x image_size``, one channel).
+
+    Parameters
+    ----------
+    image_size : int
+        Image height and width in pixels.
+    grid_spacing : int
+        Control-point spacing (power of two).
+    filters : int or list of int
+        Regressor width(s) of the 3x3 convolutions.
+    boundary : str
+        Resampling boundary mode.
+    mixed_precision : bool
+        Keep the B-spline transformer and the resampler in float32 under ``mixed_float16``.
+    pointwise_filters : int, list of int or None
+        Regressor hidden 1x1 widths (None: its default).
+    batch_norm : bool
+        Batch normalisation in the regressor.
+    """
     from dirnet_tf import DIRNet
 
-    model = DIRNet((image_size, image_size), grid_spacing, boundary=boundary, filters=filters)
+    model = DIRNet((image_size, image_size), grid_spacing, boundary=boundary, filters=filters,
+                   pointwise_filters=pointwise_filters, batch_norm=batch_norm)
     if mixed_precision:
         training.keep_float32(model)
     return model
@@ -468,8 +488,10 @@ def run(config):
     loss = training.make_registration_loss(config["similarity"], config["bending_weight"],
                                            config["folding_weight"], image_shape, config["grid_spacing"])
     trainer = training.Trainer(
-        lambda: build_model(size, config["grid_spacing"], config["filters"],
-                            mixed_precision=config["mixed_precision"]),
+        lambda: build_model(size, config["grid_spacing"], training.parse_int_list(config["filters"]),
+                            mixed_precision=config["mixed_precision"],
+                            pointwise_filters=training.parse_int_list(config.get("pointwise_filters", "")),
+                            batch_norm=config.get("batch_norm", False)),
         loss, sampler, logdir=config["logdir"], steps=config["steps"], batch_size=config["batch_size"],
         learning_rate=config["learning_rate"], lr_schedule=config["lr_schedule"], strategy=strategy,
         mixed_precision=config["mixed_precision"], validation=validation, log_every=config["log_every"],

@@ -1,0 +1,158 @@
+"""experiments.cardiac: label warping, contour metrics, pairs, the missing-data error and a tiny end-to-end run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from data import cardiac_phantom
+from experiments import cardiac
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(n_slices=2, n_phases=6, size=32)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def _scipy_warp_labels(labels, displacement, num_labels=3):
+    """Independent reference: bilinear one-hot warping with edge clamping, then argmax."""
+    h, w = labels.shape
+    ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    coords = np.stack([ii + displacement[..., 0], jj + displacement[..., 1]])
+    stack = [ndimage.map_coordinates((labels == c).astype(np.float64), coords, order=1, mode="nearest")
+             for c in range(num_labels)]
+    return np.argmax(np.stack(stack, -1), -1)
+
+
+def _dice(a, b):
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else 2.0 * (a & b).sum() / total
+
+
+def test_warp_labels_matches_scipy_reference():
+    rng = np.random.default_rng(0)
+    subj = cardiac_phantom.make_subject(rng, **TINY)
+    labels = subj["labels"][:, 0]  # [2, 32, 32]
+    smooth = [ndimage.gaussian_filter(rng.normal(size=(2, 32, 32)), 4, axes=(1, 2)) for _ in range(2)]
+    disp = np.stack(smooth, -1)
+    disp *= 3.0 / np.abs(disp).max()  # up to 3 pixels, also across the image edge
+    got = cardiac.warp_labels(labels, disp.astype(np.float32))
+    assert got.shape == labels.shape and got.dtype == np.uint8
+    for k in range(2):
+        ref = _scipy_warp_labels(labels[k], disp[k])
+        assert np.mean(got[k] != ref) < 0.003, np.mean(got[k] != ref)
+        assert not np.array_equal(got[k], labels[k])
+    np.testing.assert_array_equal(cardiac.warp_labels(labels, np.zeros(labels.shape + (2,), np.float32)), labels)
+    with pytest.raises(ValueError, match="do not match"):
+        cardiac.warp_labels(labels, np.zeros((2, 30, 32, 2), np.float32))
+
+
+def test_contour_metrics_on_hand_made_squares():
+    fixed = np.zeros((1, 30, 30), np.uint8)
+    fixed[0, 5:15, 5:15] = 1
+    moving = np.zeros_like(fixed)
+    moving[0, 5:15, 7:17] = 1  # shifted 2 columns: overlap 10x8 -> Dice 0.8
+    annotated = np.array([[True, False]])
+    per_pair = cardiac.contour_metrics(fixed, moving, fixed, annotated, spacing=(1.5, 1.5))
+    cav = per_pair["lv_cavity"]
+    assert cav["dice_before"][0] == pytest.approx(0.8)
+    assert cav["dice_after"][0] == 1.0 and cav["hd95_mm_after"][0] == 0.0 and cav["mad_mm_after"][0] == 0.0
+    # The left and right edges are 2 columns = 3 mm apart, the others overlap partly: HD95 is 3 mm.
+    assert cav["hd95_mm_before"][0] == pytest.approx(3.0)
+    assert 0.0 < cav["mad_mm_before"][0] < 3.0
+    assert np.isnan(per_pair["myocardium"]["dice_before"][0])  # not annotated -> not scored
+    summary = cardiac.summarise(per_pair, np.array([True]))
+    assert summary["lv_cavity"]["pairs"] == 1 and summary["myocardium"]["pairs"] == 0
+    assert summary["lv_cavity"]["dice_before"]["mean"] == pytest.approx(0.8)
+    assert summary["myocardium"]["dice_after"]["mean"] is None
+
+
+def test_frames_and_ed_es_pairs():
+    patients, splits = cardiac_phantom.make_phantom(2, 0, 1, seed=1, **TINY)
+    images, groups = cardiac.training_frames(patients, splits["train"])
+    assert images.shape == (2 * 2 * 6, 32, 32, 1) and groups.shape == (24,)
+    assert np.array_equal(np.bincount(groups), [6, 6, 6, 6])  # one group per (subject, slice)
+    np.testing.assert_array_equal(images[6:12, ..., 0], patients["PH-train-000"]["images"][1])
+    pairs = cardiac.ed_es_pairs(patients, splits["test"])
+    assert len(pairs["records"]) == 4 and pairs["fixed"].shape == (4, 32, 32, 1)
+    subj = patients["PH-test-000"]
+    es = int(subj["es_phase"][0])
+    r0, r1 = pairs["records"][:2]
+    assert (r0["direction"], r0["fixed_phase"], r0["moving_phase"]) == ("ES->ED", 0, es)
+    assert (r1["direction"], r1["fixed_phase"], r1["moving_phase"]) == ("ED->ES", es, 0)
+    np.testing.assert_array_equal(pairs["fixed"][0, ..., 0], subj["images"][0, 0])
+    np.testing.assert_array_equal(pairs["moving_labels"][0], subj["labels"][0, es])
+    np.testing.assert_array_equal(pairs["fixed"][1], pairs["moving"][0])
+    assert pairs["annotated"].all()
+
+
+def test_missing_data_fails_with_instructions(tmp_path):
+    missing = tmp_path / "nothere.h5"
+    config = dict(synthetic=False, data=str(missing), image_size=0)
+    with pytest.raises(cardiac.CardiacDataError) as info:
+        cardiac.load_data(config)
+    message = str(info.value)
+    assert str(missing) in message and "python -m data.sunnybrook --raw_dir=" in message and "--synthetic" in message
+    # The command line exits with status 1, prints the instructions and trains nothing (no phantom fallback).
+    logdir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "experiments.cardiac", f"--data={missing}", f"--logdir={logdir}"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "python -m data.sunnybrook" in proc.stderr
+    assert not logdir.exists()
+
+
+def test_tiny_end_to_end_phantom_run(tmp_path):
+    logdir, export = tmp_path / "run", tmp_path / "export"
+    args = ["--synthetic", "--steps=30", "--image_size=32", "--phantom_subjects=2,1,1", "--phantom_slices=2",
+            "--phantom_phases=6", "--phantom_seed=2", "--grid_spacing=8", "--filters=8", "--batch_size=8",
+            "--log_every=10", "--eval_every=15", "--checkpoint_every=15", "--timing_batch_size=8",
+            "--figure_pairs=2", f"--logdir={logdir}", f"--export_dir={export}"]
+    proc = subprocess.run([sys.executable, "-m", "experiments.cardiac"] + args, cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[eval]" in proc.stdout and "lv_cavity" in proc.stdout
+    for name in ("metrics.json", "eval_pairs.json", "flags.json", "cardiac_registration.png", "checkpoint"):
+        assert (logdir / name).exists(), name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(logdir))
+    metrics = json.loads((logdir / "metrics.json").read_text())
+    records = json.loads((logdir / "eval_pairs.json").read_text())["pairs"]
+    assert metrics["pairs"] == len(records) == 4 and metrics["step"] == 30
+    assert set(metrics["per_direction"]) == {"ES->ED", "ED->ES"}
+    assert 0.0 <= metrics["folding_fraction"] <= 1.0 and metrics["ms_per_pair"] > 0
+
+    # Recompute everything independently from the exported model and the regenerated phantom.
+    import tensorflow as tf
+
+    import dirnet_tf
+
+    patients, _ = cardiac_phantom.make_phantom(2, 1, 1, seed=2, **TINY)
+    served = tf.saved_model.load(str(export)).signatures["serving_default"]
+    fixed = np.stack([patients[r["patient"]]["images"][r["slice"], r["fixed_phase"]] for r in records])[..., None]
+    moving = np.stack([patients[r["patient"]]["images"][r["slice"], r["moving_phase"]] for r in records])[..., None]
+    out = served(fixed=tf.constant(fixed), moving=tf.constant(moving))
+    disp = out["displacement"].numpy()
+    grid = dirnet_tf.identity_grid((32, 32)).numpy()
+    expected = dirnet_tf.resample(tf.constant(moving), tf.constant(grid[None] + disp), boundary="border")
+    np.testing.assert_allclose(out["warped"].numpy(), expected.numpy(), atol=1e-5)
+    for structure, label in cardiac.STRUCTURES.items():
+        before, after = [], []
+        for k, r in enumerate(records):
+            f_lab = patients[r["patient"]]["labels"][r["slice"], r["fixed_phase"]] == label
+            m_lab = patients[r["patient"]]["labels"][r["slice"], r["moving_phase"]]
+            before.append(_dice(f_lab, m_lab == label))
+            after.append(_dice(f_lab, _scipy_warp_labels(m_lab, disp[k]) == label))
+        entry = metrics["structures"][structure]
+        assert entry["pairs"] == 4
+        assert entry["dice_before"]["mean"] == pytest.approx(np.mean(before), abs=1e-9)
+        assert entry["dice_after"]["mean"] == pytest.approx(np.mean(after), abs=0.02)
+        assert entry["hd95_mm_before"]["mean"] > 0 and entry["mad_mm_before"]["mean"] > 0
