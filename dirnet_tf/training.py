@@ -584,6 +584,8 @@ class Trainer:
                 if self.mixed_precision:
                     keras.mixed_precision.set_dtype_policy("mixed_float16")
                 self.model = model_fn()
+                if self.mixed_precision:
+                    keep_float32(self.model)
             finally:
                 keras.mixed_precision.set_dtype_policy(policy)
             schedule = learning_rate
