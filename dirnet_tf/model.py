@@ -96,10 +96,25 @@ class DIRNet(keras.Model):
             batch_norm=batch_norm,
             activation=activation,
             name="regressor",
+            dtype=self.dtype_policy,
         )
-        self.transformer = BSplineTransformer(self.image_shape, self.grid_spacing, name="bspline")
-        self.resampler = Resampler(boundary, name="resampler")
+        # Pixel positions and the compiled resampler stay in float32 under a
+        # mixed-precision policy (the regressor computes in the policy's dtype).
+        geometry_dtype = None
+        if self.dtype_policy.compute_dtype in ("float16", "bfloat16"):
+            geometry_dtype = "float32"
+        self.transformer = BSplineTransformer(
+            self.image_shape, self.grid_spacing, name="bspline", dtype=geometry_dtype
+        )
+        self.resampler = Resampler(boundary, name="resampler", dtype=geometry_dtype)
         self._build_all()
+
+    @property
+    def input_dtype(self):
+        # Images enter in the resampler's dtype (float32 under mixed precision),
+        # so the moving image is warped at full precision; the regressor casts
+        # its own input to its compute dtype.
+        return self.resampler.compute_dtype
 
     def _build_all(self):
         image = (None,) + self.image_shape + (self.channels,)
@@ -138,12 +153,12 @@ class DIRNet(keras.Model):
                     f"DIRNet({self.image_shape}, channels={self.channels}) expects {name} of "
                     f"shape [B, {', '.join(map(str, expected[1:]))}], got {shape}"
                 )
-        dtype = self.compute_dtype
+        dtype = self.resampler.compute_dtype
         return tf.cast(fixed, dtype), tf.cast(moving, dtype)
 
     def call(self, inputs, training=None):
         fixed, moving = self._unpack(inputs)
-        pair = tf.concat([fixed, moving], axis=-1)
+        pair = tf.concat([fixed, moving], axis=-1)  # cast to the regressor's dtype by Keras
         control_points = self.regressor(pair, training=training)
         displacement = self.transformer(control_points)
         warped = self.resampler(moving, displacement)
@@ -168,11 +183,13 @@ class DIRNet(keras.Model):
         weight is nonzero, else 0) and ``total`` = similarity +
         bending_weight * bending + folding_weight * folding.
         """
-        fixed = tf.cast(fixed, outputs["warped"].dtype)
-        similarity = _losses.get(self.similarity)(fixed, outputs["warped"])
+        warped = outputs["warped"]
+        fixed = tf.cast(fixed, warped.dtype)
+        similarity = _losses.get(self.similarity)(fixed, warped)
         zero = tf.zeros((), similarity.dtype)
+        control_points = tf.cast(outputs["control_points"], warped.dtype)
         bending = (
-            _losses.bending_energy(outputs["control_points"], self.image_shape, self.grid_spacing)
+            _losses.bending_energy(control_points, self.image_shape, self.grid_spacing)
             if self.bending_weight
             else zero
         )
@@ -208,6 +225,7 @@ class DIRNet(keras.Model):
             similarity = keras.saving.serialize_keras_object(similarity)
         return {
             "name": self.name,
+            "dtype": self.dtype_policy.name,
             "image_shape": list(self.image_shape),
             "grid_spacing": list(self.grid_spacing),
             "boundary": self.boundary,

@@ -151,30 +151,37 @@ class Regressor(keras.layers.Layer):
         pool = keras.layers.AveragePooling2D if ndim == 2 else keras.layers.AveragePooling3D
         zero_pad = keras.layers.ZeroPadding2D if ndim == 2 else keras.layers.ZeroPadding3D
 
+        # Sublayers follow this layer's dtype policy; under mixed precision the
+        # output layer computes in float32 (displacements in pixels).
+        policy = self.dtype_policy
+        output_policy = "float32" if policy.compute_dtype in ("float16", "bfloat16") else policy
+
         def block(width, kernel, name):
             layers = [
                 conv(width, kernel, padding="same", use_bias=not self.batch_norm,
-                     kernel_initializer="he_normal", name=name)
+                     kernel_initializer="he_normal", name=name, dtype=policy)
             ]
             if self.batch_norm:
-                layers.append(keras.layers.BatchNormalization(name=name + "_bn"))
-            layers.append(keras.layers.Activation(activation, name=name + "_act"))
+                layers.append(keras.layers.BatchNormalization(name=name + "_bn", dtype=policy))
+            layers.append(keras.layers.Activation(activation, name=name + "_act", dtype=policy))
             return layers
 
         self._stack = []
         for level in range(depth + 1):
             if level == depth:
                 # K - 2 cells -> K: one border cell per side, filled by the 3x3 conv.
-                self._stack.append(zero_pad(padding=1, name="grid_border"))
+                self._stack.append(zero_pad(padding=1, name="grid_border", dtype=policy))
             self._stack += block(filters[level], 3, f"conv{level}")
             if level < depth:
                 size = tuple(2 if level < p else 1 for p in self.levels)
-                self._stack.append(pool(pool_size=size, strides=size, name=f"pool{level}"))
+                self._stack.append(
+                    pool(pool_size=size, strides=size, name=f"pool{level}", dtype=policy)
+                )
         for i, width in enumerate(self.pointwise_filters):
             self._stack += block(width, 1, f"pointwise{i}")
         self.output_conv = conv(
             ndim, 1, padding="same", kernel_initializer="zeros", bias_initializer="zeros",
-            name="control_points",
+            name="control_points", dtype=output_policy,
         )
 
     def build(self, input_shape):

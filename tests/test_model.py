@@ -248,3 +248,25 @@ def test_bad_inputs():
         dirnet_tf.DIRNet((16, 16), 4, similarity="nope")
     with pytest.raises(ValueError, match="boundary"):
         dirnet_tf.DIRNet((16, 16), 4, boundary="reflect")
+
+
+def test_mixed_precision_keeps_geometry_in_float32(tmp_path):
+    shape = (16, 12)
+    model = dirnet_tf.DIRNet(shape, 4, filters=4, dtype="mixed_float16")
+    assert model.regressor._stack[0].compute_dtype == "float16"
+    assert model.transformer.compute_dtype == "float32"
+    assert model.resampler.compute_dtype == "float32"
+    fixed, moving = _pair(shape)
+    out = model({"fixed": fixed, "moving": moving})
+    assert {k: v.dtype for k, v in out.items()} == {
+        "warped": tf.float32, "displacement": tf.float32, "control_points": tf.float32}
+    np.testing.assert_allclose(out["warped"].numpy(), moving, atol=1e-6)
+    with tf.GradientTape() as tape:
+        loss = model.registration_loss(fixed, model({"fixed": fixed, "moving": moving}))
+    grads = tape.gradient(loss, model.trainable_weights)
+    assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
+    path = os.path.join(tmp_path, "mixed.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.dtype_policy.name == "mixed_float16"
+    assert loaded.regressor._stack[0].compute_dtype == "float16"
