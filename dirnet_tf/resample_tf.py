@@ -56,10 +56,12 @@ def resample_tf(image, coords, boundary="zeros"):
         x = flat_coords[..., d]
         size_f = tf.cast(sizes[d], dtype)
         finite = tf.math.is_finite(x)
-        x = tf.where(finite, x, tf.zeros_like(x))
         if boundary == "border":
+            # NaN -> 0, +-inf and huge values clamp to the edges (as the op).
+            x = tf.where(tf.math.is_nan(x), tf.zeros_like(x), x)
             x = tf.clip_by_value(x, tf.zeros_like(x), size_f - 1)
         else:
+            x = tf.where(finite, x, tf.zeros_like(x))
             # Far outside the image every corner is outside: clamping there keeps
             # the integer conversion defined without changing the result.
             x = tf.clip_by_value(x, -2 * tf.ones_like(x), size_f + 1)

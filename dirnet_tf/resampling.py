@@ -94,37 +94,38 @@ def _in_xla_context():
 def _check_arguments(image, coords, boundary):
     if boundary not in BOUNDARY_MODES:
         raise ValueError(f"boundary must be one of {BOUNDARY_MODES}, got {boundary!r}")
+    shapes = f"image shape {image.shape.as_list() if image.shape.rank is not None else None}, " \
+        f"coords shape {coords.shape.as_list() if coords.shape.rank is not None else None}"
     if image.dtype not in (tf.float32, tf.float64) or coords.dtype != image.dtype:
         raise TypeError(
             "resample needs image and coords of the same dtype, float32 or float64; got "
-            f"image {image.dtype.name} {image.shape} and coords {coords.dtype.name} {coords.shape}"
+            f"image {image.dtype.name} and coords {coords.dtype.name} ({shapes})"
         )
     rank = image.shape.rank
     if rank is not None and rank not in (4, 5):
         raise ValueError(
-            f"image must be [B, H, W, C] or [B, D, H, W, C] (rank 4 or 5), got shape {image.shape}"
+            f"resample: image must be [B, H, W, C] or [B, D, H, W, C] (rank 4 or 5); got {shapes}"
         )
     if coords.shape.rank is not None and coords.shape.rank < 3:
         raise ValueError(
-            f"coords must be [B, *out_points, ndim] with at least one output axis, got {coords.shape}"
+            "resample: coords must be [B, *out_points, ndim] with at least one output axis "
+            f"(rank >= 3); got {shapes}"
         )
     if rank is not None and coords.shape.rank is not None:
         ndim = rank - 2
         last = coords.shape[-1]
         if last is not None and last != ndim:
             raise ValueError(
-                f"coords.shape[-1] must equal the number of spatial axes of image ({ndim}); "
-                f"got image {image.shape} and coords {coords.shape}"
+                "resample: coords.shape[-1] must equal the number of spatial axes of image "
+                f"({ndim}); got {shapes}"
             )
         b_img, b_crd = image.shape[0], coords.shape[0]
         if b_img is not None and b_crd is not None and b_img != b_crd:
-            raise ValueError(
-                f"image and coords must have the same batch size; got image {image.shape} "
-                f"and coords {coords.shape}"
-            )
+            raise ValueError(f"resample: image and coords must have the same batch size; got {shapes}")
+    if rank is not None:
         for size in image.shape[1:-1]:
             if size == 0:
-                raise ValueError(f"image has an empty spatial axis: shape {image.shape}")
+                raise ValueError(f"resample: image has an empty spatial axis; got {shapes}")
 
 
 def resample(image, coords, boundary="zeros"):
