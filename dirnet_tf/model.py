@@ -74,6 +74,7 @@ class DIRNet(keras.Model):
         folding_weight=0.0,
         **kwargs,
     ):
+        kwargs.setdefault("name", "dirnet")
         super().__init__(**kwargs)
         self.image_shape = tuple(int(n) for n in image_shape)
         if len(self.image_shape) not in (2, 3):
