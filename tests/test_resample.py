@@ -346,24 +346,28 @@ def test_tf_function_equals_eager(ndim):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-@pytest.mark.parametrize("boundary", ["zeros", "border"])
 @pytest.mark.parametrize("ndim", [2, 3])
-def test_xla_path_matches_op(ndim, boundary):
+def test_xla_path_matches_op(ndim):
     rng = np.random.default_rng(60 + ndim)
     image, coords = random_case(rng, ndim, channels=2, out_axes=(12,), low=-1.5)
     coords[:, :3] = np.round(coords[:, :3])  # integers: the right-sided convention
     coords[0, 3:3 + len(HOSTILE), 0] = HOSTILE
     g = rng.normal(size=(2, 12, 2))
-    op = grads(image, coords, boundary, weights=g)
-    xla = tf.function(lambda i, c: grads(i, c, boundary, weights=g), jit_compile=True)(
-        tf.constant(image), tf.constant(coords))
-    for a, b in zip(op, xla):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-12)
+    boundaries = ("zeros", "border")
+
+    def both(i, c):
+        return [grads(i, c, boundary, weights=g) for boundary in boundaries]
+
+    xla = tf.function(both, jit_compile=True)(tf.constant(image), tf.constant(coords))
+    for boundary, xla_results in zip(boundaries, xla):
+        for a, b in zip(grads(image, coords, boundary, weights=g), xla_results):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-12)
     # Inside XLA the op itself is not used (it would fail to compile).
-    graph = tf.function(lambda i, c: dirnet_tf.resample(i, c, boundary=boundary),
-                        jit_compile=True).get_concrete_function(
-                            tf.constant(image), tf.constant(coords)).graph
+    graph = tf.function(both, jit_compile=True).get_concrete_function(
+        tf.constant(image), tf.constant(coords)).graph
     assert not any(o.type.startswith("Dirnet>") for o in graph.get_operations())
+    assert any(o.type.startswith("Dirnet>") for o in tf.function(both).get_concrete_function(
+        tf.constant(image), tf.constant(coords)).graph.get_operations())
 
 
 # ---------------------------------------------------------------------- Keras
