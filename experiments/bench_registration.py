@@ -1,0 +1,373 @@
+"""DIRNet vs iterative elastix B-spline registration on the same held-out MNIST test pairs.
+
+Methods, all on one pair list (the ``eval_pairs.json`` that the MNIST evaluation
+saves: 100 same-digit test pairs per digit, seed 0):
+
+* ``DIRNet gs=8`` / ``DIRNet gs=4`` -- SavedModels exported by ``experiments.mnist``
+  with ``--grid_spacing=8`` / ``4`` (given with ``--model_gs8`` / ``--model_gs4``;
+  otherwise trained here with the MNIST experiment's defaults into
+  ``runs/bench/mnist_gs{8,4}`` and exported to ``exports/bench/mnist_gs{8,4}``,
+  or reused from there when such an export exists);
+* ``elastix gs=8`` / ``elastix gs=4`` -- :mod:`experiments.elastix_baseline` with the
+  committed parameter files and thread count in ``baselines/elastix/``.
+
+Every method is scored by the same code (:mod:`dirnet_tf.metrics`, as in the MNIST
+evaluation): NCC after registration, Dice of the digits binarised at 0.5, the
+fraction of pixels with a folding Jacobian (``det <= 0``) and time per pair.
+DIRNet's time is the median over repeated runs of the exported model on batches
+of ``--batch_size`` pairs (also reported at batch size 1); elastix's is the mean
+wall time of one registration (pairs run one after another, elastix has no batched
+mode; the displacement field for the folding measure is computed afterwards and not
+timed).
+
+Writes ``bench_registration.json``, ``bench_registration.md`` (the table) and
+``bench_registration.png`` (chart) into ``--outdir`` (default ``runs/bench``).
+
+Command line (from the repository root)::
+
+    python -m experiments.bench_registration                    # trains what is missing, all 1000 pairs
+    python -m experiments.bench_registration --model_gs8=exports/mnist --model_gs4=exports/mnist_gs4
+    python -m experiments.bench_registration --num_pairs=100    # quicker: 10 pairs per digit
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+GRID_SPACINGS = (8, 4)
+
+
+def _log(msg):
+    print(f"[bench_registration] {msg}", flush=True)
+
+
+def export_grid_spacing(export_dir):
+    """Grid spacing recorded in an export's ``assets/dirnet.json`` (or ``None``).
+
+    Parameters
+    ----------
+    export_dir : str
+        A SavedModel directory written by :func:`dirnet_tf.training.export_saved_model`.
+    """
+    try:
+        with open(os.path.join(export_dir, "assets", "dirnet.json")) as f:
+            gs = json.load(f).get("grid_spacing")
+    except (OSError, ValueError):
+        return None
+    if isinstance(gs, (list, tuple)):
+        gs = gs[0] if len(set(gs)) == 1 else None
+    return None if gs is None else int(gs)
+
+
+def _is_export(path):
+    return os.path.isfile(os.path.join(path, "saved_model.pb"))
+
+
+def ensure_model(grid_spacing, given, root="runs/bench", exports="exports/bench", steps=None):
+    """Return an export dir for DIRNet at ``grid_spacing``, training one if needed.
+
+    Parameters
+    ----------
+    grid_spacing : int
+    given : str or None
+        An export directory passed on the command line (used as is; its recorded
+        grid spacing must match).
+    root, exports : str
+        Where a model trained here keeps its logdir / export.
+    steps : int or None
+        ``--steps`` for the training run (``None``: the MNIST experiment's default).
+
+    Returns
+    -------
+    tuple
+        ``(export_dir, logdir or None)``.
+    """
+    if given:
+        if not _is_export(given):
+            raise ValueError(f"--model_gs{grid_spacing}={given} is not a SavedModel directory "
+                             "(no saved_model.pb); export one with python -m experiments.mnist")
+        recorded = export_grid_spacing(given)
+        if recorded is not None and recorded != grid_spacing:
+            raise ValueError(f"--model_gs{grid_spacing}={given} was trained with grid spacing {recorded}")
+        return given, None
+    logdir = os.path.join(root, f"mnist_gs{grid_spacing}")
+    export_dir = os.path.join(exports, f"mnist_gs{grid_spacing}")
+    if _is_export(export_dir) and export_grid_spacing(export_dir) == grid_spacing:
+        _log(f"reusing {export_dir}")
+        return export_dir, logdir
+    cmd = [sys.executable, "-m", "experiments.mnist", f"--grid_spacing={grid_spacing}",
+           f"--logdir={logdir}", f"--export_dir={export_dir}"]
+    if steps:
+        cmd.append(f"--steps={steps}")
+    _log("training: " + " ".join(cmd[1:]))
+    subprocess.run(cmd, check=True)
+    return export_dir, logdir
+
+
+def load_pairs(pairs_path, hdf5, outdir, num_pairs):
+    """The evaluation pairs (saved by the MNIST evaluation, or drawn the same way).
+
+    Parameters
+    ----------
+    pairs_path : str or None
+        An ``eval_pairs.json``; ``None``: draw 100 test pairs per digit with seed 0
+        (as ``experiments.mnist`` does) and save them to ``outdir/eval_pairs.json``.
+    hdf5 : str or None
+        MNIST HDF5 override.
+    outdir : str
+    num_pairs : int
+        Keep this many (0: all), interleaving the digits so that every digit is covered.
+
+    Returns
+    -------
+    dict
+        ``fixed``, ``moving`` ``[P, 28, 28, 1]``, ``digits`` ``[P]``, ``path``.
+    """
+    from data import mnist  # noqa: PLC0415 - run from the repository root
+    from experiments.elastix_baseline import interleave_digits  # noqa: PLC0415
+
+    if pairs_path is None:
+        h5 = hdf5 or mnist.DEFAULT_HDF5
+        _, labels, _ = mnist.load("test", hdf5=h5)
+        pairs = mnist.make_eval_pairs(labels, tuple(range(10)), per_digit=100, seed=0)
+        pairs_path = os.path.join(outdir, "eval_pairs.json")
+        mnist.save_eval_pairs(pairs_path, pairs, os.path.abspath(h5), "test", 0, 100)
+        _log(f"drew {len(pairs)} test pairs (100 per digit, seed 0) -> {pairs_path}")
+    record = mnist.load_eval_pairs(pairs_path, hdf5=hdf5)
+    fixed, moving, digits = record["fixed"], record["moving"], record["digits"]
+    if num_pairs:
+        keep = np.sort(interleave_digits(digits)[:num_pairs])
+        fixed, moving, digits = fixed[keep], moving[keep], digits[keep]
+    return {"fixed": fixed, "moving": moving, "digits": digits, "path": pairs_path}
+
+
+def quality(fixed, moving, warped, displacement, digits):
+    """Per-pair scores and their summary, computed as in the MNIST evaluation.
+
+    Parameters
+    ----------
+    fixed, moving, warped : ``[P, 28, 28, 1]``.
+    displacement : ``[P, 28, 28, 2]`` (pixels, ij).
+    digits : ``[P]``.
+
+    Returns
+    -------
+    tuple
+        ``(summary dict, per-pair dict of arrays)``.
+    """
+    from dirnet_tf import metrics  # noqa: PLC0415
+
+    ncc = np.array([metrics.ncc(f, w) for f, w in zip(fixed, warped)])
+    dice = np.array([metrics.dice(f[..., 0] > 0.5, w[..., 0] > 0.5)["mean"] for f, w in zip(fixed, warped)])
+    folding = np.asarray(metrics.folding_fraction(displacement))
+    summary = {"ncc": float(ncc.mean()), "ncc_std": float(ncc.std()), "ncc_median": float(np.median(ncc)),
+               "dice": float(dice.mean()), "folding_fraction": float(folding.mean()),
+               "pairs_with_folding": int((folding > 0).sum()),
+               "per_digit_ncc": {str(int(d)): float(ncc[digits == d].mean()) for d in np.unique(digits)}}
+    return summary, {"ncc": ncc, "dice": dice, "folding": folding}
+
+
+def run_dirnet(export_dir, pairs, batch_size, repeats):
+    """Register the pairs with an exported DIRNet and time it."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    import dirnet_tf  # noqa: PLC0415
+    from dirnet_tf import training  # noqa: PLC0415
+
+    dirnet_tf.load_ops()
+    served = tf.saved_model.load(export_dir).signatures["serving_default"]
+    pred = training.predict(served, pairs["fixed"], pairs["moving"], batch_size)
+    timing = training.time_per_pair(served, pairs["fixed"], pairs["moving"], batch_size=batch_size,
+                                    repeats=repeats)
+    single = training.time_per_pair(served, pairs["fixed"], pairs["moving"], batch_size=1,
+                                    repeats=max(repeats, 20))
+    return pred, {"ms_per_pair": timing["ms_per_pair"], "ms_per_pair_min": timing["ms_per_pair_min"],
+                  "timing_batch_size": timing["batch_size"], "timing_repeats": timing["repeats"],
+                  "ms_per_pair_batch1": single["ms_per_pair"]}
+
+
+def run_elastix(grid_spacing, pairs, threads):
+    """Register the pairs with elastix (one after another)."""
+    from experiments.elastix_baseline import ElastixRegistration  # noqa: PLC0415
+
+    reg = ElastixRegistration(grid_spacing, threads=threads)
+    n = len(pairs["fixed"])
+    t0 = time.perf_counter()
+
+    def progress(done, total):
+        if done % 100 == 0 or done == total:
+            _log(f"  elastix gs={grid_spacing}: {done}/{total} pairs ({time.perf_counter() - t0:.0f} s)")
+
+    out = reg.register_batch(pairs["fixed"], pairs["moving"], compute_displacement=True, progress=progress)
+    reg.close()
+    sec = out["seconds"]
+    return out, {"ms_per_pair": float(sec.mean() * 1e3), "ms_per_pair_median": float(np.median(sec) * 1e3),
+                 "threads": reg.threads, "parameter_file": os.path.relpath(reg.parameter_file),
+                 "pairs_timed": int(n)}
+
+
+def format_table(rows, before):
+    """Markdown table of the summaries."""
+    lines = ["| method | NCC | Dice | folding pixels | pairs with folding | ms / pair |",
+             "|---|---|---|---|---|---|",
+             f"| before registration | {before['ncc']:.4f} | {before['dice']:.4f} | - | - | - |"]
+    for name, r in rows.items():
+        t = f"{r['ms_per_pair']:.3f}" if r["ms_per_pair"] < 10 else f"{r['ms_per_pair']:.1f}"
+        if "ms_per_pair_batch1" in r:
+            t += f" (batch {r['timing_batch_size']}; {r['ms_per_pair_batch1']:.2f} at batch 1)"
+        else:
+            t += f" ({r['threads']} threads, one pair at a time)"
+        lines.append(f"| {name} | {r['ncc']:.4f} | {r['dice']:.4f} | {100 * r['folding_fraction']:.3f}% | "
+                     f"{r['pairs_with_folding']} / {r['pairs']} | {t} |")
+    return "\n".join(lines)
+
+
+def compare(rows):
+    """The issue's target per grid spacing: speed-up, NCC gap, folding."""
+    out = {}
+    for gs in GRID_SPACINGS:
+        d, e = rows.get(f"DIRNet gs={gs}"), rows.get(f"elastix gs={gs}")
+        if d is None or e is None:
+            continue
+        speedup = e["ms_per_pair"] / d["ms_per_pair"]
+        gap = d["ncc"] - e["ncc"]
+        out[str(gs)] = {"speedup": speedup, "ncc_dirnet_minus_elastix": gap,
+                        "folding_dirnet": d["folding_fraction"], "folding_elastix": e["folding_fraction"],
+                        "faster_100x": bool(speedup >= 100), "ncc_within_0.01": bool(gap >= -0.01),
+                        "less_folding": bool(d["folding_fraction"] <= e["folding_fraction"])}
+    return out
+
+
+def save_chart(path, rows, per_pair, before):
+    """Four panels: NCC (box plot), Dice, folding %, ms per pair (log scale)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    names = list(rows)
+    colors = ["tab:blue" if n.startswith("DIRNet") else "tab:orange" for n in names]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    ax = axes[0]
+    ax.boxplot([per_pair["before"]["ncc"]] + [per_pair[n]["ncc"] for n in names], showfliers=False)
+    ax.set_xticks(range(1, len(names) + 2), ["before"] + names, rotation=30, ha="right")
+    ax.set_title("NCC after registration")
+    ax = axes[1]
+    ax.bar(names, [rows[n]["dice"] for n in names], color=colors)
+    ax.axhline(before["dice"], color="gray", ls="--", label="before")
+    ax.set_ylim(min(before["dice"], *[rows[n]["dice"] for n in names]) - 0.05, 1.0)
+    ax.set_title("Dice (digits > 0.5)")
+    ax.legend(loc="lower right")
+    ax = axes[2]
+    ax.bar(names, [100 * rows[n]["folding_fraction"] for n in names], color=colors)
+    ax.set_title("folding pixels (det J <= 0), %")
+    ax = axes[3]
+    ax.bar(names, [rows[n]["ms_per_pair"] for n in names], color=colors)
+    ax.set_yscale("log")
+    ax.set_title("ms per pair (log scale)")
+    for a in axes[1:]:
+        a.tick_params(axis="x", rotation=30)
+        for label in a.get_xticklabels():
+            label.set_ha("right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    """``python -m experiments.bench_registration``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model_gs8", default=None, help="DIRNet export trained with --grid_spacing=8")
+    parser.add_argument("--model_gs4", default=None, help="DIRNet export trained with --grid_spacing=4")
+    parser.add_argument("--train_steps", type=int, default=None,
+                        help="--steps when a model has to be trained (default: the experiment's)")
+    parser.add_argument("--pairs", default=None, help="eval_pairs.json (default: draw them as the "
+                        "MNIST evaluation does)")
+    parser.add_argument("--hdf5", default=None, help="MNIST HDF5 file (default: data.mnist's)")
+    parser.add_argument("--num_pairs", type=int, default=0, help="use N of the pairs (0: all)")
+    parser.add_argument("--batch_size", type=int, default=256, help="DIRNet batch size for timing")
+    parser.add_argument("--repeats", type=int, default=11, help="timed DIRNet runs (median)")
+    parser.add_argument("--elastix_threads", type=int, default=None,
+                        help="threads per elastix registration (default: baselines/elastix/settings.json)")
+    parser.add_argument("--skip_elastix", action="store_true", help="DIRNet rows only")
+    parser.add_argument("--outdir", default=os.path.join("runs", "bench"))
+    args = parser.parse_args(argv)
+    os.makedirs(args.outdir, exist_ok=True)
+
+    if not args.skip_elastix:
+        from experiments.elastix_baseline import import_itk  # noqa: PLC0415
+
+        import_itk()  # fail early, with the install hint
+    models = {gs: ensure_model(gs, getattr(args, f"model_gs{gs}"), steps=args.train_steps)[0]
+              for gs in GRID_SPACINGS}
+    pairs_path = args.pairs
+    if pairs_path is None:
+        # The pair list saved by the MNIST evaluation of a model trained here, if there is one.
+        for gs in GRID_SPACINGS:
+            candidate = os.path.join("runs", "bench", f"mnist_gs{gs}", "eval_pairs.json")
+            if not getattr(args, f"model_gs{gs}") and os.path.isfile(candidate):
+                pairs_path = candidate
+                break
+    pairs = load_pairs(pairs_path, args.hdf5, args.outdir, args.num_pairs)
+    n = len(pairs["fixed"])
+    _log(f"{n} pairs from {pairs['path']}")
+
+    zero = np.zeros(pairs["fixed"].shape[:-1] + (2,), np.float32)
+    before, per_before = quality(pairs["fixed"], pairs["moving"], pairs["moving"], zero, pairs["digits"])
+    rows, per_pair = {}, {"before": per_before}
+    for gs in GRID_SPACINGS:
+        _log(f"DIRNet gs={gs}: {models[gs]}")
+        pred, timing = run_dirnet(models[gs], pairs, args.batch_size, args.repeats)
+        summary, scores = quality(pairs["fixed"], pairs["moving"], pred["warped"], pred["displacement"],
+                                  pairs["digits"])
+        rows[f"DIRNet gs={gs}"] = dict(summary, **timing, pairs=n, model=models[gs])
+        per_pair[f"DIRNet gs={gs}"] = scores
+        _log(f"  NCC {summary['ncc']:.4f}  Dice {summary['dice']:.4f}  folding "
+             f"{100 * summary['folding_fraction']:.3f}%  {timing['ms_per_pair']:.3f} ms/pair")
+    if not args.skip_elastix:
+        for gs in GRID_SPACINGS:
+            _log(f"elastix gs={gs} on {n} pairs")
+            out, timing = run_elastix(gs, pairs, args.elastix_threads)
+            summary, scores = quality(pairs["fixed"], pairs["moving"], out["warped"], out["displacement"],
+                                      pairs["digits"])
+            rows[f"elastix gs={gs}"] = dict(summary, **timing, pairs=n)
+            per_pair[f"elastix gs={gs}"] = scores
+            _log(f"  NCC {summary['ncc']:.4f}  Dice {summary['dice']:.4f}  folding "
+                 f"{100 * summary['folding_fraction']:.3f}%  {timing['ms_per_pair']:.1f} ms/pair")
+
+    from experiments.bench_training import machine_description  # noqa: PLC0415
+
+    order = [f"{m} gs={gs}" for gs in GRID_SPACINGS for m in ("DIRNet", "elastix") if f"{m} gs={gs}" in rows]
+    rows = {k: rows[k] for k in order}
+    table = format_table(rows, before)
+    targets = compare(rows)
+    record = {"machine": machine_description(),
+              "command": "python -m experiments.bench_registration "
+                         + " ".join(argv if argv is not None else sys.argv[1:]),
+              "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "pairs_file": pairs["path"],
+              "pairs": n, "before": before, "methods": rows, "targets": targets, "table": table}
+    json_path = os.path.join(args.outdir, "bench_registration.json")
+    with open(json_path, "w") as f:
+        json.dump(record, f, indent=2)
+    with open(os.path.join(args.outdir, "bench_registration.md"), "w") as f:
+        f.write(f"{table}\n\n{n} MNIST test pairs; {record['machine']}; `{record['command']}`\n")
+    chart = save_chart(os.path.join(args.outdir, "bench_registration.png"), rows, per_pair, before)
+    print("\n" + table + "\n")
+    for gs, t in targets.items():
+        print(f"gs={gs}: DIRNet is {t['speedup']:.0f}x faster per pair than elastix "
+              f"({'meets' if t['faster_100x'] else 'misses'} >= 100x); NCC difference "
+              f"{t['ncc_dirnet_minus_elastix']:+.4f} ({'within' if t['ncc_within_0.01'] else 'not within'} 0.01); "
+              f"folding {100 * t['folding_dirnet']:.3f}% vs {100 * t['folding_elastix']:.3f}% "
+              f"({'less or equal' if t['less_folding'] else 'more'})")
+    _log(f"wrote {json_path}, bench_registration.md and {chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The benchmark scripts' building blocks (not timings): the pure-TF resampler layer they
+compare against, a tiny training-throughput run, the registration scoring and target logic."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import ndimage
+
+from dirnet_tf.layers import Resampler
+from experiments import bench_registration as br
+from experiments import bench_training as bt
+
+
+def _field(rng, b, shape):
+    return rng.normal(0, 1.5, (b,) + shape + (len(shape),)).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(9, 11), (5, 6, 7)])
+@pytest.mark.parametrize("boundary", ["border", "zeros"])
+def test_pure_tf_resampler_layer_matches_scipy_and_op_layer(shape, boundary):
+    rng = np.random.default_rng(len(shape))
+    image = rng.random((2,) + shape + (1,)).astype(np.float32)
+    disp = _field(rng, 2, shape)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    coords = (grid + disp).astype(np.float64)
+    mode = "nearest" if boundary == "border" else "grid-constant"
+    ref = np.stack([ndimage.map_coordinates(image[k, ..., 0].astype(np.float64),
+                                            np.moveaxis(coords[k], -1, 0), order=1, mode=mode, cval=0.0)
+                    for k in range(2)])[..., None]
+    pure = bt.PureTFResampler(boundary)
+    op = Resampler(boundary)
+    np.testing.assert_allclose(pure(image, disp).numpy(), ref, atol=1e-5)
+
+    d = tf.Variable(disp)
+    grads = []
+    for layer in (pure, op):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(tf.constant(image), d) ** 2)
+        grads.append(tape.gradient(loss, d).numpy())
+    np.testing.assert_allclose(grads[0], grads[1], atol=1e-4)
+    assert np.abs(grads[0]).max() > 0
+
+
+def test_parse_case():
+    assert bt.parse_case("2d:32") == {"name": "2d 28x28 B=32", "image_shape": (28, 28), "batch_size": 32}
+    assert bt.parse_case("3d:2:16")["image_shape"] == (16, 16, 16)
+    for bad in ("4d:2", "2d", "2d:x", "2d:0", "2d:2:16:1"):
+        with pytest.raises(ValueError, match="2d:BATCH"):
+            bt.parse_case(bad)
+
+
+def test_tiny_training_throughput_run():
+    case = {"name": "tiny", "image_shape": (16, 16), "batch_size": 4}
+    r = bt.bench_case(case, variants=("op", "pure_tf"), grid_spacing=4, filters=4, steps=2, rounds=2)
+    assert set(r["variants"]) == {"op", "pure_tf"}
+    # Same weights and batches: the first train step gives the same loss with both resamplers.
+    assert abs(r["first_step_loss"]["op"] - r["first_step_loss"]["pure_tf"]) < 1e-4
+    for v in r["variants"].values():
+        assert v["pairs_per_s"] > 0 and v["pairs_per_s_min"] <= v["pairs_per_s"] <= v["pairs_per_s_max"]
+    assert r["op_speedup"]["pure_tf"] == pytest.approx(
+        r["variants"]["op"]["pairs_per_s"] / r["variants"]["pure_tf"]["pairs_per_s"])
+    assert "| tiny |" in bt.format_table([r])
+
+
+def test_quality_scores_and_targets():
+    rng = np.random.default_rng(0)
+    fixed = (rng.random((3, 28, 28, 1)) > 0.7).astype(np.float32)
+    moving = np.roll(fixed, 2, axis=1)
+    disp = np.zeros((3, 28, 28, 2), np.float32)
+    disp[1, 10:14, 10:14, 0] = -3.0  # rows pulled up by 3 pixels: the map folds at the block's top edge
+    disp[1, 10:14, 10:14, 1] = np.arange(4)[:, None] * 0.5
+    summary, per = br.quality(fixed, moving, fixed, disp, np.array([1, 1, 2]))
+    assert summary["ncc"] == pytest.approx(1.0) and summary["dice"] == pytest.approx(1.0)
+    u0, u1 = disp[1, ..., 0].astype(np.float64), disp[1, ..., 1].astype(np.float64)
+    det = ((1 + np.gradient(u0, axis=0)) * (1 + np.gradient(u1, axis=1))
+           - np.gradient(u0, axis=1) * np.gradient(u1, axis=0))
+    assert 0 < (det <= 0).mean() < 0.1
+    assert per["folding"][1] == pytest.approx((det <= 0).mean())
+    assert per["folding"][0] == 0 and summary["pairs_with_folding"] == 1
+    assert set(summary["per_digit_ncc"]) == {"1", "2"}
+
+    rows = {"DIRNet gs=8": {"ms_per_pair": 0.5, "ncc": 0.925, "folding_fraction": 0.0},
+            "elastix gs=8": {"ms_per_pair": 80.0, "ncc": 0.93, "folding_fraction": 0.001},
+            "DIRNet gs=4": {"ms_per_pair": 1.0, "ncc": 0.90, "folding_fraction": 0.01},
+            "elastix gs=4": {"ms_per_pair": 80.0, "ncc": 0.97, "folding_fraction": 0.001}}
+    t = br.compare(rows)
+    assert t["8"]["speedup"] == pytest.approx(160) and t["8"]["faster_100x"]
+    assert t["8"]["ncc_within_0.01"] and t["8"]["less_folding"]
+    assert not t["4"]["faster_100x"] and not t["4"]["ncc_within_0.01"] and not t["4"]["less_folding"]
