@@ -569,6 +569,8 @@ class Trainer:
         self.print = print_fn or (lambda *a: print(*a, flush=True))
         self.is_chief, self.task_type, self.task_id = worker_info(self.strategy)
         self.mixed_precision = bool(mixed_precision)
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
         if self.batch_size % self.strategy.num_replicas_in_sync:
             raise ValueError(f"--batch_size={self.batch_size} is not divisible by the "
                              f"{self.strategy.num_replicas_in_sync} replicas")

@@ -37,7 +37,8 @@ flags.DEFINE_integer("eval_per_digit", 100, "Held-out test pairs per digit (seed
 flags.DEFINE_integer("valid_per_digit", 30, "Validation pairs per digit used for model selection.")
 flags.DEFINE_bool("select_best", True, "Evaluate/export the checkpoint with the best validation NCC "
                   "(otherwise the last one).")
-flags.DEFINE_bool("evaluate", True, "Evaluate on the test pairs after training.")
+flags.DEFINE_bool("evaluate", True, "Evaluate on the test pairs after training (needs --export).")
+flags.DEFINE_bool("export", True, "Write the SavedModel after training.")
 
 FLAGS = flags.FLAGS
 IMAGE_SHAPE = (28, 28)
@@ -202,7 +203,7 @@ def run(config):
         best = trainer.restore_best()
         if best:
             print(f"[select] using the best validation checkpoint {best}", flush=True)
-    if not trainer.is_chief:
+    if not trainer.is_chief or not (config["export"] or config["export_only"]):
         return summary
     metadata = {"image_shape": list(IMAGE_SHAPE), "channels": 1, "grid_spacing": config["grid_spacing"],
                 "boundary": trainer.model.boundary, "digits": list(digits), "flags": config,
