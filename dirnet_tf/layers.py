@@ -15,7 +15,6 @@ and ``dirnet_tf>Resampler`` for ``.keras`` serialisation.
 """
 
 import keras
-import tensorflow as tf
 
 from dirnet_tf.bspline import bspline_displacement, control_grid_shape, normalize_spacing
 from dirnet_tf.regressor import Regressor
