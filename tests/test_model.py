@@ -44,6 +44,36 @@ def test_regressor_lands_on_control_grid(shape, spacing):
         assert before >= 0 and after >= 0 and n + before + after == (k - 2) * sd
 
 
+@pytest.mark.parametrize("shape,spacing", [((21, 17), (4, 8)), ((9, 12, 7), (2, 4, 1))])
+def test_regressor_cells_are_centred_on_their_control_points(shape, spacing):
+    # With pass-through weights (3x3 kernels = centre tap from channel 0 to 0,
+    # ELU is the identity on positive values) the output at control point k is
+    # the mean of the input over the cell of k: an impulse at the pixel of
+    # control point k, (k - 1) * s, must show up at index k and nowhere else.
+    ndim = len(shape)
+    reg = layers.Regressor(shape, spacing, filters=2, pointwise_filters=[2])
+    reg.build((1,) + shape + (2,))
+    for layer in reg._stack + [reg.output_conv]:
+        if hasattr(layer, "kernel"):
+            kernel = np.zeros(layer.kernel.shape, np.float32)
+            kernel[tuple(n // 2 for n in kernel.shape[:-2]) + (0, 0)] = 1.0
+            layer.kernel.assign(kernel)
+            layer.bias.assign(np.zeros(layer.bias.shape, np.float32))
+    grid = dirnet_tf.control_grid_shape(shape, spacing)
+    rng = np.random.default_rng(9)
+    for _ in range(4):
+        k = tuple(int(rng.integers(1, g - 1)) for g in grid)
+        pixel = tuple((kd - 1) * sd for kd, sd in zip(k, spacing))
+        if any(p >= n for p, n in zip(pixel, shape)):
+            continue
+        pair = np.zeros((1,) + shape + (2,), np.float32)
+        pair[(0,) + pixel + (0,)] = 1.0
+        out = reg(pair).numpy()[0, ..., 0]
+        assert np.unravel_index(np.argmax(out), out.shape) == k
+        np.testing.assert_allclose(out[k], 1.0 / np.prod(spacing), rtol=1e-5)
+        assert np.count_nonzero(out) == 1
+
+
 def test_regressor_rejects_non_power_of_two_spacing():
     with pytest.raises(ValueError, match=r"powers of two.*\(4, 3\)"):
         layers.Regressor((16, 16), (4, 3))
