@@ -20,6 +20,7 @@ constant images (the correlation of a constant image is defined as 0).
 
 import itertools
 
+import numpy as np
 import tensorflow as tf
 
 from dirnet_tf.bspline import bspline_derivative
@@ -118,14 +119,17 @@ def _box_mean(x, window):
         pads = [[0, 0]] * x.shape.rank
         pads[axis] = [before + 1, w - 1 - before]
         csum = tf.cumsum(tf.pad(x, pads), axis=axis)
-        upper = tf.gather(csum, tf.range(w, w + n), axis=axis)
-        lower = tf.gather(csum, tf.range(0, n), axis=axis)
-        ones = tf.pad(tf.ones([n], x.dtype), [[before + 1, w - 1 - before]])
-        ccount = tf.cumsum(ones)
-        count = tf.gather(ccount, tf.range(w, w + n)) - tf.gather(ccount, tf.range(0, n))
+        upper = [slice(None)] * x.shape.rank
+        lower = [slice(None)] * x.shape.rank
+        upper[axis] = slice(w, w + n)
+        lower[axis] = slice(0, n)
+        # Number of in-image pixels in each box (static).
+        idx = np.arange(n)
+        count = np.minimum(idx - before + w, n) - np.maximum(idx - before, 0)
         shape = [1] * x.shape.rank
         shape[axis] = n
-        x = (upper - lower) / tf.reshape(count, shape)
+        count = tf.constant(count.reshape(shape), x.dtype)
+        x = (csum[tuple(upper)] - csum[tuple(lower)]) / count
     return x
 
 
