@@ -63,7 +63,7 @@ FLAGS = flags.FLAGS
 STRUCTURES = {"lv_cavity": 1, "myocardium": 2}
 NUM_LABELS = len(sunnybrook.LABEL_NAMES)
 PHANTOM_SIZE = 64
-DEFAULTS = dict(steps=1200, batch_size=32, learning_rate=1e-3, lr_schedule="cosine", grid_spacing=8,
+DEFAULTS = dict(steps=800, batch_size=32, learning_rate=1e-3, lr_schedule="cosine", grid_spacing=8,
                 filters="32", logdir=os.path.join("runs", "cardiac"),
                 export_dir=os.path.join("exports", "cardiac"), log_every=50, eval_every=250,
                 checkpoint_every=250)

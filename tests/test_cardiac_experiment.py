@@ -156,3 +156,21 @@ def test_tiny_end_to_end_phantom_run(tmp_path):
         assert entry["dice_before"]["mean"] == pytest.approx(np.mean(before), abs=1e-9)
         assert entry["dice_after"]["mean"] == pytest.approx(np.mean(after), abs=0.02)
         assert entry["hd95_mm_before"]["mean"] > 0 and entry["mad_mm_before"]["mean"] > 0
+
+
+def test_load_data_from_hdf5_file_with_resizing(tmp_path):
+    path = tmp_path / "cardiac.h5"
+    cardiac_phantom.write_phantom(str(path), 1, 1, 1, seed=4, n_slices=1, n_phases=4, size=32, spacing=1.25)
+    data = cardiac.load_data(dict(synthetic=False, data=str(path), image_size=0))
+    assert data["spacing"] == [1.25, 1.25] and data["image_size"] == 32
+    assert data["splits"]["test"] == ["PH-test-000"]
+    original = data["patients"]["PH-test-000"]
+    cropped = cardiac.load_data(dict(synthetic=False, data=str(path), image_size=24))["patients"]["PH-test-000"]
+    np.testing.assert_array_equal(cropped["labels"], original["labels"][..., 4:28, 4:28])
+    padded = cardiac.load_data(dict(synthetic=False, data=str(path), image_size=36))["patients"]["PH-test-000"]
+    np.testing.assert_array_equal(padded["images"][..., 2:34, 2:34], original["images"])
+    assert padded["images"][..., :2, :].max() == 0 and padded["labels"].shape[-2:] == (36, 36)
+    # A file without test patients cannot be evaluated: a clear error, not a crash later.
+    cardiac_phantom.write_phantom(str(tmp_path / "notest.h5"), 1, 1, 0, seed=4, n_slices=1, n_phases=4, size=32)
+    with pytest.raises(cardiac.CardiacDataError, match=r"split\(s\) \['test'\]"):
+        cardiac.load_data(dict(synthetic=False, data=str(tmp_path / "notest.h5"), image_size=0))
