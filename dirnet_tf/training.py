@@ -641,9 +641,13 @@ class Trainer:
                 self._writer = tf.summary.create_noop_writer()
         return self._writer
 
+    def latest_checkpoint(self):
+        """Latest checkpoint of the run: the chief's, in ``logdir`` (every worker restores it)."""
+        return tf.train.latest_checkpoint(self.logdir)
+
     def restore(self, path=None):
         """Restore a checkpoint (default: the latest); returns its path or None."""
-        path = path or self.manager.latest_checkpoint
+        path = path or self.latest_checkpoint()
         if path is None:
             return None
         try:
@@ -658,7 +662,7 @@ class Trainer:
 
     def restore_best(self):
         """Load the model weights of the best validation checkpoint, if there is one."""
-        path = self.best_manager.latest_checkpoint
+        path = tf.train.latest_checkpoint(os.path.join(self.logdir, "best"))
         if path is not None:
             self.best_checkpoint.restore(path).expect_partial()
         return path
@@ -787,15 +791,15 @@ class Trainer:
             On a NaN/inf loss; no checkpoint is written for it, the last good one stays.
         """
         resumed_from = None
-        if self.resume and self.manager.latest_checkpoint:
+        if self.resume and self.latest_checkpoint():
             self._check_config()
             resumed_from = self.restore()
             self.print(f"[train] resumed from {resumed_from} at step {int(self.step.numpy())}")
-            best = self.best_manager.latest_checkpoint
+            best = tf.train.latest_checkpoint(os.path.join(self.logdir, "best"))
             if best is not None:
                 state = _read_best_state(self.logdir)
                 self.best_ncc = state if state is not None else -np.inf
-        elif not self.resume and self.manager.latest_checkpoint:
+        elif not self.resume and self.latest_checkpoint():
             self.print(f"[train] --noresume: starting from scratch in {self.logdir} "
                        "(older checkpoints there are replaced)")
         if self.is_chief:
@@ -817,7 +821,7 @@ class Trainer:
             results = self._train_step(iterator)
             values = {k: float(v) for k, v in results.items()}
             if not math.isfinite(values["loss"]):
-                good = self.manager.latest_checkpoint
+                good = self.latest_checkpoint()
                 raise TrainingDivergedError(
                     f"The training loss became {values['loss']} at step {step + 1}; training stopped. "
                     f"The last good checkpoint is kept: {good or 'none was written yet'}. "

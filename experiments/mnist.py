@@ -42,7 +42,7 @@ flags.DEFINE_bool("export", True, "Write the SavedModel after training.")
 
 FLAGS = flags.FLAGS
 IMAGE_SHAPE = (28, 28)
-DEFAULTS = dict(steps=3000, batch_size=32, learning_rate=1e-3, lr_schedule="cosine", grid_spacing=8,
+DEFAULTS = dict(steps=6000, batch_size=32, learning_rate=5e-3, lr_schedule="cosine", grid_spacing=8,
                 filters="32", logdir=os.path.join("runs", "mnist"),
                 export_dir=os.path.join("exports", "mnist"), log_every=100, eval_every=500,
                 checkpoint_every=500)
