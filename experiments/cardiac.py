@@ -42,22 +42,30 @@ from data import cardiac_phantom, sunnybrook
 from dirnet_tf import training
 
 training.define_flags()
-flags.DEFINE_bool("synthetic", False, "Use the built-in beating-heart phantom instead of real data.")
-flags.DEFINE_string("data", os.path.join("datasets", "sunnybrook.h5"),
-                    "Cardiac HDF5 file written by `python -m data.sunnybrook` (ignored with --synthetic).")
-flags.DEFINE_integer("image_size", 0, "Image size in pixels (square). 0: as stored in --data, 64 for "
-                     "--synthetic. Stored images of another size are centre-cropped or zero-padded.")
-flags.DEFINE_string("phantom_subjects", "24,4,8", "Phantom subjects for train,valid,test.")
-flags.DEFINE_integer("phantom_slices", 3, "Phantom short-axis slices per subject.")
-flags.DEFINE_integer("phantom_phases", 20, "Phantom frames per cardiac cycle.")
-flags.DEFINE_float("phantom_spacing", cardiac_phantom.DEFAULT_SPACING, "Phantom pixel spacing in mm.")
-flags.DEFINE_float("phantom_noise", 0.03, "Phantom Rician noise level.")
-flags.DEFINE_integer("phantom_seed", 0, "Seed of the phantom data set.")
-flags.DEFINE_bool("select_best", True, "Evaluate/export the checkpoint with the best validation NCC "
-                  "(otherwise the last one).")
-flags.DEFINE_bool("evaluate", True, "Evaluate on the test patients after training.")
-flags.DEFINE_integer("figure_pairs", 6, "Test pairs drawn in cardiac_registration.png.")
-flags.DEFINE_integer("timing_batch_size", 64, "Batch size of the ms/pair measurement.")
+
+
+def _define(kind, name, default, help_text):
+    """Define a flag unless another experiment module already did (same meaning, e.g. --evaluate)."""
+    if name not in flags.FLAGS:
+        getattr(flags, "DEFINE_" + kind)(name, default, help_text)
+
+
+_define("bool", "synthetic", False, "Use the built-in beating-heart phantom instead of real data.")
+_define("string", "data", os.path.join("datasets", "sunnybrook.h5"),
+        "Cardiac HDF5 file written by `python -m data.sunnybrook` (ignored with --synthetic).")
+_define("integer", "image_size", 0, "Image size in pixels (square). 0: as stored in --data, 64 for "
+        "--synthetic. Stored images of another size are centre-cropped or zero-padded.")
+_define("string", "phantom_subjects", "24,4,8", "Phantom subjects for train,valid,test.")
+_define("integer", "phantom_slices", 3, "Phantom short-axis slices per subject.")
+_define("integer", "phantom_phases", 20, "Phantom frames per cardiac cycle.")
+_define("float", "phantom_spacing", cardiac_phantom.DEFAULT_SPACING, "Phantom pixel spacing in mm.")
+_define("float", "phantom_noise", 0.03, "Phantom Rician noise level.")
+_define("integer", "phantom_seed", 0, "Seed of the phantom data set.")
+_define("bool", "select_best", True, "Evaluate/export the checkpoint with the best validation NCC "
+        "(otherwise the last one).")
+_define("bool", "evaluate", True, "Evaluate on the test patients after training.")
+_define("integer", "figure_pairs", 6, "Test pairs drawn in cardiac_registration.png.")
+_define("integer", "timing_batch_size", 64, "Batch size of the ms/pair measurement.")
 
 FLAGS = flags.FLAGS
 STRUCTURES = {"lv_cavity": 1, "myocardium": 2}
