@@ -74,6 +74,29 @@ def test_regressor_cells_are_centred_on_their_control_points(shape, spacing):
         assert np.count_nonzero(out) == 1
 
 
+@pytest.mark.parametrize("shape,spacing", [((28, 28), 8), ((21, 17), (8, 2)), ((7, 9, 6), (4, 2, 1))])
+def test_regressor_first_level_shortcut_is_exact(shape, spacing):
+    # The first level runs only where the image reaches and fills the rest of
+    # the padded map with the constant act(bias): same outputs as running the
+    # whole zero-padded input through the layers.
+    reg = layers.Regressor(shape, spacing, filters=4)
+    reg.build((2,) + shape + (2,))
+    assert reg._first_level is not None
+    rng = np.random.default_rng(11)
+    for weight in reg.weights:
+        weight.assign(rng.normal(scale=0.5, size=weight.shape).astype(np.float32))
+    fixed, moving = _pair(shape, seed=12)
+    pair = np.concatenate([fixed, moving], -1)
+    fast = reg(pair).numpy()
+    geometry, reg._first_level = reg._first_level, None
+    try:
+        plain = reg(pair).numpy()
+    finally:
+        reg._first_level = geometry
+    assert np.abs(plain).max() > 0.1
+    np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
+
+
 def test_regressor_rejects_non_power_of_two_spacing():
     with pytest.raises(ValueError, match=r"powers of two.*\(4, 3\)"):
         layers.Regressor((16, 16), (4, 3))
