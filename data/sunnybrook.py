@@ -374,6 +374,7 @@ class Report:
 
     def __init__(self, verbose=True):
         self.skipped = []  # (path, reason)
+        self.notes = []  # (path, remark): nothing was dropped
         self.converted = []
         self.verbose = verbose
 
@@ -382,11 +383,19 @@ class Report:
         if self.verbose:
             print(f"[sunnybrook] skipped {path}: {reason}", file=sys.stderr)
 
+    def note(self, path, remark):
+        self.notes.append((str(path), str(remark)))
+        if self.verbose:
+            print(f"[sunnybrook] note on {path}: {remark}", file=sys.stderr)
+
     def summary(self):
         lines = [f"converted {len(self.converted)} patient(s): {', '.join(self.converted) or '-'}"]
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} item(s):")
             lines += [f"  {path}: {reason}" for path, reason in self.skipped]
+        if self.notes:
+            lines.append(f"{len(self.notes)} note(s):")
+            lines += [f"  {path}: {remark}" for path, remark in self.notes]
         return "\n".join(lines)
 
 
@@ -597,8 +606,8 @@ def convert_patient(spec, raw_dir, report, spacing=1.5, crop_size=128):
         report.skip(spec.image_dir, f"{pid}: {how}")
         return None
     if how == "detected" and spec.series:
-        report.skip(spec.image_dir, f"{pid}: series {'/'.join(spec.series)} from the table is not there; "
-                                    f"using detected series {series} (not skipped, just noted)")
+        report.note(spec.image_dir, f"{pid}: series {'/'.join(spec.series)} from the table is not there; "
+                                    f"using the detected series {series}")
     cine = read_cine(spec.image_dir, by_series[series], report)
     if cine is None:
         report.skip(spec.image_dir, f"{pid}: no readable images in series {series}")
@@ -934,7 +943,7 @@ def convert(raw_dir, out, spacing=1.5, crop_size=128, series_json=None, split="c
         raw_dir=os.path.abspath(raw_dir), spacing_mm=[spacing, spacing], crop_size=crop_size,
         split_mode=split, split_seed=split_seed, split_fractions=list(split_fractions),
         series_json=os.path.abspath(series_json) if series_json else "",
-        skipped=[list(s) for s in report.skipped],
+        skipped=[list(s) for s in report.skipped], notes=[list(n) for n in report.notes],
     )
     try:
         import pydicom  # noqa: PLC0415

@@ -267,7 +267,8 @@ def test_series_json_override_and_random_split(raw_dataset, tmp_path):
     data = sb.load_h5(str(out))
     assert data["patients"]["SC-HF-I-01"]["attrs"]["series"] == "0004"
     assert data["patients"]["SC-HF-I-01"]["attrs"]["series_from"] == "detected"
-    assert any("0777" in r for _, r in report.skipped)
+    assert any("0777" in r and "detected series 0004" in r for _, r in report.notes)
+    assert not any("0777" in r for _, r in report.skipped)
     assert data["patients"]["SC-HYP-09"]["attrs"]["group"] == "validation"
     members = sum(data["splits"].values(), [])
     assert sorted(members) == sorted(report.converted) and len(set(members)) == len(members)
