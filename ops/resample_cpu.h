@@ -52,26 +52,28 @@ void for_point_ranges(const CpuDevice& d, int64_t total, int64_t shards, const F
   });
 }
 
+// Forward over the flattened points [begin, end), batch item by batch item.
 template <int NDIM, int CC, typename T>
 void forward_range(const ResampleShape& s, const T* DIRNET_RESTRICT image,
                    const T* DIRNET_RESTRICT coords, T* DIRNET_RESTRICT out, int64_t begin,
                    int64_t end) {
   const int64_t item = s.image_stride();
   const int64_t nc = s.channels;
+  const Grid<NDIM, T> g = make_grid<NDIM, T>(s);
   for (int64_t q = begin; q < end;) {
     const int64_t b = q / s.points;
     const int64_t stop = std::min(end, (b + 1) * s.points);
     const T* DIRNET_RESTRICT img = image + b * item;
     for (; q < stop; ++q) {
       Corners<NDIM, T> c;
-      setup_corners<NDIM, T>(coords + q * NDIM, s, c);
-      forward_point<NDIM, CC, T>(c, img, out + q * nc, nc);
+      setup_corners<NDIM, T>(coords + q * NDIM, g, c);
+      forward_point<NDIM, CC, T, int64_t>(c, img, out + q * nc, nc);
     }
   }
 }
 
-// Backward over the points [begin, end).  Image gradients of batch item b go
-// to target(b) (nullptr: not wanted).
+// Backward over the flattened points [begin, end).  Image gradients of batch
+// item b go to target(b) (nullptr: not wanted).
 template <int NDIM, int CC, bool WITH_IMAGE, typename T, typename Target>
 void backward_range(const ResampleShape& s, const T* DIRNET_RESTRICT image,
                     const T* DIRNET_RESTRICT coords, const T* DIRNET_RESTRICT grad_out,
@@ -80,6 +82,7 @@ void backward_range(const ResampleShape& s, const T* DIRNET_RESTRICT image,
   const int64_t item = s.image_stride();
   const int64_t nc = s.channels;
   const PlainAdd add;
+  const Grid<NDIM, T> g = make_grid<NDIM, T>(s);
   for (int64_t q = begin; q < end;) {
     const int64_t b = q / s.points;
     const int64_t stop = std::min(end, (b + 1) * s.points);
@@ -87,9 +90,9 @@ void backward_range(const ResampleShape& s, const T* DIRNET_RESTRICT image,
     T* gimg = WITH_IMAGE ? target(b) : nullptr;
     for (; q < stop; ++q) {
       Corners<NDIM, T> c;
-      setup_corners<NDIM, T>(coords + q * NDIM, s, c);
-      backward_point<NDIM, CC, WITH_IMAGE, T, PlainAdd>(c, img, grad_out + q * nc, gimg,
-                                                         grad_coords + q * NDIM, nc, add);
+      setup_corners<NDIM, T>(coords + q * NDIM, g, c);
+      backward_point<NDIM, CC, WITH_IMAGE, T, int64_t, PlainAdd>(
+          c, img, grad_out + q * nc, gimg, grad_coords + q * NDIM, nc, add);
     }
   }
 }

@@ -37,9 +37,10 @@ __global__ void __launch_bounds__(kThreads)
     forward_kernel(ResampleShape s, int64_t total, const T* __restrict__ image,
                    const T* __restrict__ coords, T* __restrict__ out) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  const Grid<NDIM, T> g = make_grid<NDIM, T>(s);
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < total;
        q += step) {
-    forward_at<NDIM, CC, T>(q, s, image, coords, out);
+    forward_at<NDIM, CC, T>(q, s, g, image, coords, out);
   }
 }
 
@@ -50,9 +51,10 @@ __global__ void __launch_bounds__(kThreads)
                     T* grad_image, T* __restrict__ grad_coords) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
   const AtomicAdd add;
+  const Grid<NDIM, T> g = make_grid<NDIM, T>(s);
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < total;
        q += step) {
-    backward_at<NDIM, CC, WITH_IMAGE, T, AtomicAdd>(q, s, image, coords, grad_out, grad_image,
+    backward_at<NDIM, CC, WITH_IMAGE, T, AtomicAdd>(q, s, g, image, coords, grad_out, grad_image,
                                                     grad_coords, add);
   }
 }

@@ -1,0 +1,288 @@
+"""Benchmark of the compiled resampler against the alternatives a user would write.
+
+Times ``forward`` and ``forward+backward`` (gradients w.r.t. image and coords,
+and w.r.t. coords only -- what DIRNet training needs) of
+
+* ``op``           -- ``dirnet_tf.resample`` (the compiled ``Dirnet>Resample``),
+* ``tf-gather``    -- the pure-TF gather resampler in ``tf.function``,
+* ``tf-gather-xla``-- the same with ``jit_compile=True`` (strongest pure-TF path),
+* ``keras-mapcoord`` -- ``keras.ops.image.map_coordinates(order=1)`` per item and
+  channel (it has no batch axis),
+* ``torch-grid_sample`` -- ``torch.nn.functional.grid_sample`` (bilinear /
+  trilinear, zeros padding, align_corners=True), when PyTorch is installed,
+
+for B=32 28x28 and B=8 256x256 (2-D) and B=2 64^3 (3-D), one channel, on a
+near-identity deformation (identity grid plus a smooth random displacement of a
+few pixels, as in registration).  Every round times each method once, in a
+fresh random order (interleaved), and the table reports the median over rounds
+of the per-call time in milliseconds.  The table is printed (markdown) and
+written with all samples to a JSON file.
+
+Run from the repository root: ``python -m experiments.bench_resample``
+(``--help`` for options; ``make bench`` runs it with the defaults).
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import dirnet_tf  # noqa: E402
+from dirnet_tf.resample_tf import resample_tf  # noqa: E402
+
+CASES = {
+    "2d-28": dict(batch=32, spatial=(28, 28), label="2-D B=32 28x28"),
+    "2d-256": dict(batch=8, spatial=(256, 256), label="2-D B=8 256x256"),
+    "3d-64": dict(batch=2, spatial=(64, 64, 64), label="3-D B=2 64^3"),
+}
+MODES = ("forward", "fwd+bwd", "fwd+bwd coords")
+MODE_TITLES = {
+    "forward": "forward",
+    "fwd+bwd": "forward+backward (image and coords)",
+    "fwd+bwd coords": "forward+backward (coords only)",
+}
+
+
+def make_inputs(batch, spatial, seed=0):
+    """Image, near-identity coordinates and the output weights (numpy, float32)."""
+    rng = np.random.default_rng(seed)
+    ndim = len(spatial)
+    image = rng.normal(size=(batch, *spatial, 1)).astype(np.float32)
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in spatial],
+                                indexing="ij"), -1)
+    # Smooth displacement: a few random low-frequency sines, amplitude ~3 px.
+    disp = np.zeros((batch, *spatial, ndim), np.float32)
+    for d in range(ndim):
+        for _ in range(3):
+            k = rng.uniform(0.5, 2.0, size=ndim) * 2 * np.pi / np.array(spatial)
+            phase = rng.uniform(0, 2 * np.pi, size=(batch, 1))
+            arg = np.tensordot(grid, k, axes=([-1], [0])).reshape(1, -1) + phase
+            disp[..., d] += np.sin(arg).reshape(batch, *spatial).astype(np.float32)
+    coords = grid[None] + disp
+    weights = rng.normal(size=(batch, *spatial, 1)).astype(np.float32)
+    return image, coords, weights
+
+
+def keras_map_coordinates(image, coords, boundary="zeros"):
+    """``keras.ops.image.map_coordinates`` looped over batch items and channels."""
+    del boundary
+    outs = []
+    for b in range(image.shape[0]):
+        pts = [coords[b, ..., d] for d in range(coords.shape[-1])]
+        chans = [keras.ops.image.map_coordinates(image[b, ..., c], pts, order=1,
+                                                  fill_mode="constant")
+                 for c in range(image.shape[-1])]
+        outs.append(tf.stack(chans, -1))
+    return tf.stack(outs, 0)
+
+
+def tf_callables(fn, jit_compile, image, coords, weights):
+    """Forward, forward+backward (both) and (coords only) as tf.functions."""
+    image, coords, weights = (tf.constant(x) for x in (image, coords, weights))
+
+    @tf.function(jit_compile=jit_compile)
+    def forward(i, c):
+        return fn(i, c)
+
+    @tf.function(jit_compile=jit_compile)
+    def both(i, c):
+        with tf.GradientTape() as tape:
+            tape.watch([i, c])
+            loss = tf.reduce_sum(fn(i, c) * weights)
+        return tape.gradient(loss, [i, c])
+
+    @tf.function(jit_compile=jit_compile)
+    def coords_only(i, c):
+        with tf.GradientTape() as tape:
+            tape.watch(c)
+            loss = tf.reduce_sum(fn(i, c) * weights)
+        return tape.gradient(loss, c)
+
+    return {
+        "forward": lambda: forward(image, coords),
+        "fwd+bwd": lambda: both(image, coords),
+        "fwd+bwd coords": lambda: coords_only(image, coords),
+    }
+
+
+def torch_callables(image, coords, weights):
+    """grid_sample with the same samples: channels first, normalised xy(z) order."""
+    import torch
+    import torch.nn.functional as F
+
+    ndim = coords.shape[-1]
+    sizes = np.array(image.shape[1:-1], np.float32)
+    grid = (2.0 * coords / (sizes - 1) - 1.0)[..., ::-1].copy()  # ij -> xy(z), [-1, 1]
+    img = torch.from_numpy(np.moveaxis(image, -1, 1).copy())
+    grd = torch.from_numpy(grid)
+    w = torch.from_numpy(np.moveaxis(weights, -1, 1).copy())
+
+    def sample(i, g):
+        return F.grid_sample(i, g, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+    def forward():
+        with torch.no_grad():
+            return sample(img, grd)
+
+    def both():
+        i = img.clone().requires_grad_(True)
+        g = grd.clone().requires_grad_(True)
+        (sample(i, g) * w).sum().backward()
+        return i.grad, g.grad
+
+    def coords_only():
+        g = grd.clone().requires_grad_(True)
+        (sample(img, g) * w).sum().backward()
+        return g.grad
+
+    del ndim
+    return {"forward": forward, "fwd+bwd": both, "fwd+bwd coords": coords_only}
+
+
+def torch_available():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_methods(case, skip):
+    image, coords, weights = make_inputs(case["batch"], case["spatial"])
+    methods = {
+        "op": lambda: tf_callables(dirnet_tf.resample, False, image, coords, weights),
+        "tf-gather": lambda: tf_callables(resample_tf, False, image, coords, weights),
+        "tf-gather-xla": lambda: tf_callables(resample_tf, True, image, coords, weights),
+        "keras-mapcoord": lambda: tf_callables(keras_map_coordinates, False, image, coords,
+                                               weights),
+    }
+    if torch_available():
+        methods["torch-grid_sample"] = lambda: torch_callables(image, coords, weights)
+    return {name: make() for name, make in methods.items() if name not in skip}
+
+
+def calibrate(fn, target_s):
+    """Warm up (tracing / compilation) and pick calls per sample for ~target_s."""
+    fn()
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-6)
+    return max(1, min(200, int(target_s / once)))
+
+
+def run_case(name, case, rounds, target_s, skip, log):
+    methods = build_methods(case, skip)
+    jobs = [(m, mode) for m in methods for mode in MODES]
+    inner = {}
+    for method, mode in jobs:
+        inner[(method, mode)] = calibrate(methods[method][mode], target_s)
+    samples = {job: [] for job in jobs}
+    rng = random.Random(0)
+    for r in range(rounds):
+        order = jobs[:]
+        rng.shuffle(order)
+        for job in order:
+            fn, n = methods[job[0]][job[1]], inner[job]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[job].append((time.perf_counter() - start) / n * 1e3)
+        log(f"  {case['label']}: round {r + 1}/{rounds}")
+    return {
+        method: {
+            mode: {"median_ms": statistics.median(samples[(method, mode)]),
+                   "samples_ms": samples[(method, mode)],
+                   "calls_per_sample": inner[(method, mode)]}
+            for mode in MODES
+        }
+        for method in methods
+    }
+
+
+def format_table(results):
+    lines = []
+    for mode in MODES:
+        methods = []
+        for res in results.values():
+            for m in res:
+                if m not in methods:
+                    methods.append(m)
+        lines.append(f"{MODE_TITLES[mode]}, median ms (ratio: method / op)")
+        lines.append("")
+        lines.append("| case | " + " | ".join(methods) + " |")
+        lines.append("|---|" + "---:|" * len(methods))
+        for case_name, res in results.items():
+            op = res.get("op", {}).get(mode, {}).get("median_ms")
+            cells = []
+            for m in methods:
+                if m not in res:
+                    cells.append("-")
+                    continue
+                ms = res[m][mode]["median_ms"]
+                ratio = f" ({ms / op:.1f}x)" if op and m != "op" else ""
+                cells.append(f"{ms:.3f}{ratio}" if ms < 10 else f"{ms:.1f}{ratio}")
+            lines.append(f"| {CASES[case_name]['label']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help=f"comma-separated subset of {list(CASES)}")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
+    parser.add_argument("--target_ms", type=float, default=30.0,
+                        help="approximate duration of one timing sample")
+    parser.add_argument("--skip", default="", help="comma-separated methods to leave out")
+    parser.add_argument("--json", default=os.path.join("runs", "bench", "bench_resample.json"),
+                        help="where to write all results")
+    args = parser.parse_args(argv)
+    skip = {s for s in args.skip.split(",") if s}
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    env = {
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "tensorflow": tf.__version__,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "python": platform.python_version(),
+    }
+    if torch_available():
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        env["torch"] = torch.__version__
+        env["torch_threads"] = torch.get_num_threads()
+    results = {}
+    for name in [c for c in args.cases.split(",") if c]:
+        if name not in CASES:
+            parser.error(f"unknown case {name!r}; known: {list(CASES)}")
+        log(f"case {CASES[name]['label']}")
+        results[name] = run_case(name, CASES[name], args.rounds, args.target_ms / 1e3, skip, log)
+    table = format_table(results)
+    print(table)
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"environment": env, "rounds": args.rounds, "cases": CASES,
+                       "results": results}, f, indent=1)
+        log(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
