@@ -22,8 +22,10 @@ coarse map is then zero-padded by one cell per side (``K`` cells) and the last
 every output is computed from the image neighbourhood of its own control
 point, for any image size; nothing is resized or cropped.
 
-Cost: without batch normalisation the first convolution/activation/pooling
-level is evaluated only on the part of the padded input that the image reaches;
+Cost: the first convolution/activation/pooling level is evaluated only on the
+part of the padded input that the image reaches (always at inference; in
+training only without batch normalisation, whose batch statistics span the
+whole map);
 the rest of that map is the constant ``act(bias)`` and is filled in directly
 (exactly the same outputs; about 30% less inference time for 28x28 images at
 spacing 8).
@@ -191,7 +193,7 @@ class Regressor(keras.layers.Layer):
             ndim, 1, padding="same", kernel_initializer="zeros", bias_initializer="zeros",
             name="control_points", dtype=output_policy,
         )
-        self._first_level = self._first_level_geometry() if depth and not self.batch_norm else None
+        self._first_level = self._first_level_geometry() if depth else None
 
     def _first_level_geometry(self):
         """Static geometry of the shortcut for the first conv + activation + pool.
@@ -201,10 +203,10 @@ class Regressor(keras.layers.Layer):
         hold the constant ``act(bias)``.  The shortcut runs the first level only
         on the pooling-aligned region that touches the image and fills the rest
         with that constant -- the same values, at a fraction of the cost when
-        the padding is large.  (With batch normalisation the batch statistics
-        cover the whole padded map, so the plain path is used.)
+        the padding is large.  (In training mode with batch normalisation the
+        batch statistics cover the whole padded map, so the plain path is used.)
         """
-        pool_sizes = self._stack[2].pool_size
+        pool_sizes = self._stack[3 if self.batch_norm else 2].pool_size
         in_pads, region, pooled = [], [], []
         for n, (before, after), ps in zip(self.image_shape, self.padding, pool_sizes):
             total = n + before + after
@@ -251,24 +253,35 @@ class Regressor(keras.layers.Layer):
             pair = keras.ops.concatenate(list(pair), axis=-1)
         self._check_shape(pair.shape)
         stack = self._stack
-        if self._first_level is not None:
+        if self._first_level is not None and not (self.batch_norm and training):
             geometry = self._first_level
-            conv0, act0, pool0 = stack[:3]
+            n = 4 if self.batch_norm else 3
+            first, stack = stack[:n], stack[n:]
             x = keras.ops.pad(pair, [(0, 0)] + geometry["in_pads"] + [(0, 0)])
-            x = pool0(act0(conv0(x)))
-            constant = act0(keras.ops.cast(conv0.bias, x.dtype))
+            x = self._run(first, x, training=False)
+            # The value of every cell the image does not reach: the first level
+            # applied to an all-zero input (conv -> bias or 0, then BN/act; the
+            # pooling of a constant is that constant).
+            conv0 = first[0]
+            constant = keras.ops.zeros((1,) * (self.ndim + 1) + (conv0.filters,), x.dtype)
+            if conv0.use_bias:
+                constant = constant + keras.ops.cast(conv0.bias, x.dtype)
+            constant = self._run(first[1:-1], constant, training=False)
             outside = keras.ops.cast(geometry["outside"], x.dtype)
             x = keras.ops.pad(x, [(0, 0)] + geometry["out_pads"] + [(0, 0)]) + outside * constant
-            stack = stack[3:]
         else:
             pads = [(b + 1, a + 1) for b, a in self.padding]
             x = keras.ops.pad(pair, [(0, 0)] + pads + [(0, 0)])
-        for layer in stack:
+        return self.output_conv(self._run(stack, x, training))
+
+    @staticmethod
+    def _run(layers, x, training):
+        for layer in layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 x = layer(x, training=training)
             else:
                 x = layer(x)
-        return self.output_conv(x)
+        return x
 
     def compute_output_shape(self, input_shape):
         if isinstance(input_shape, (list, tuple)) and input_shape and isinstance(

@@ -74,17 +74,21 @@ def test_regressor_cells_are_centred_on_their_control_points(shape, spacing):
         assert np.count_nonzero(out) == 1
 
 
-@pytest.mark.parametrize("shape,spacing", [((28, 28), 8), ((21, 17), (8, 2)), ((7, 9, 6), (4, 2, 1))])
-def test_regressor_first_level_shortcut_is_exact(shape, spacing):
+@pytest.mark.parametrize("shape,spacing,batch_norm", [((28, 28), 8, False), ((21, 17), (8, 2), True),
+                                                      ((7, 9, 6), (4, 2, 1), False)])
+def test_regressor_first_level_shortcut_is_exact(shape, spacing, batch_norm):
     # The first level runs only where the image reaches and fills the rest of
     # the padded map with the constant act(bias): same outputs as running the
     # whole zero-padded input through the layers.
-    reg = layers.Regressor(shape, spacing, filters=4)
+    reg = layers.Regressor(shape, spacing, filters=4, batch_norm=batch_norm)
     reg.build((2,) + shape + (2,))
     assert reg._first_level is not None
     rng = np.random.default_rng(11)
     for weight in reg.weights:
-        weight.assign(rng.normal(scale=0.5, size=weight.shape).astype(np.float32))
+        value = rng.normal(scale=0.5, size=weight.shape)
+        if "variance" in weight.path:
+            value = np.abs(value) + 0.5
+        weight.assign(value.astype(np.float32))
     fixed, moving = _pair(shape, seed=12)
     pair = np.concatenate([fixed, moving], -1)
     fast = reg(pair).numpy()
