@@ -929,7 +929,14 @@ def predict(fn, fixed, moving, batch_size=256):
         fixed.ndim - 2 if k == "displacement" else fixed.shape[-1],), np.float32)) for k, v in outs.items()}
 
 
-def _as_pair_function(fn):
+def as_pair_function(fn):
+    """``fn`` as a callable ``(fixed, moving) -> {"warped", "displacement"}``.
+
+    Parameters
+    ----------
+    fn : keras.Model or SavedModel signature
+        A model (wrapped in a ``tf.function``) or a signature called with keywords.
+    """
     if isinstance(fn, keras.Model):
         model = fn
 
@@ -940,6 +947,9 @@ def _as_pair_function(fn):
 
         return call
     return lambda fixed, moving: fn(fixed=fixed, moving=moving)
+
+
+_as_pair_function = as_pair_function
 
 
 def time_per_pair(fn, fixed, moving, batch_size=256, repeats=7, warmup=2):

