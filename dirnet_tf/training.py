@@ -55,21 +55,36 @@ class TrainingDivergedError(RuntimeError):
 # --------------------------------------------------------------------------- flags
 
 
+def define_flag(kind, name, default, help_text, *args):
+    """Define an absl flag unless a flag of that name exists (experiments share one FLAGS).
+
+    Parameters
+    ----------
+    kind : str
+        ``"integer"``, ``"float"``, ``"string"``, ``"bool"`` or ``"enum"``.
+    name, default, help_text
+        As for ``absl.flags.DEFINE_*``.
+    *args
+        The enum values for ``"enum"``.
+    """
+    from absl import flags
+
+    if name in flags.FLAGS:
+        return
+    definer = getattr(flags, "DEFINE_" + kind)
+    if args:
+        definer(name, default, *args, help_text)
+    else:
+        definer(name, default, help_text)
+
+
 def define_flags():
     """Define the flags shared by every experiment (idempotent).
 
     Call at import time of an experiment module; experiment-specific defaults are
     applied with :func:`set_flag_defaults` before ``app.run``.
     """
-    from absl import flags
-
-    f = flags.FLAGS
-
-    def define(kind, name, default, help_text, *args):
-        if name not in f:
-            getattr(flags, "DEFINE_" + kind)(name, default, *args, help_text) if args else getattr(
-                flags, "DEFINE_" + kind)(name, default, help_text)
-
+    define = define_flag
     define("integer", "steps", 2000, "Number of training steps (optimizer updates).")
     define("integer", "batch_size", 32, "Global batch size (pairs per step, split across replicas).")
     define("float", "learning_rate", 1e-3, "Peak learning rate of Adam.")

