@@ -6,6 +6,12 @@
 #define EIGEN_USE_GPU
 #endif
 
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <string>
 
 #include "tensorflow/core/framework/op_kernel.h"
@@ -91,14 +97,63 @@ int ParseBoundary(OpKernelConstruction* ctx) {
 template <typename Device>
 struct DeviceContext;
 
+// Runs fn(i, i + 1) for i in [0, n) on the calling thread and up to
+// `helpers` pool threads, which claim work units from a shared counter.  The
+// caller never waits for a helper that has not started: if the pool threads
+// are busy (or the machine is oversubscribed) the caller simply does all the
+// units itself, and late helpers find nothing left.  It only waits for units
+// already claimed by a running helper.
+void ClaimingParallelFor(tensorflow::thread::ThreadPool* pool, int helpers, int64_t n,
+                         const std::function<void(int64_t, int64_t)>& fn) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    int64_t total = 0;
+    const std::function<void(int64_t, int64_t)>* fn = nullptr;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  state->total = n;
+  state->fn = &fn;
+  // Claims and runs units until none is left; returns how many it finished.
+  auto work = [](State* st) {
+    int64_t finished = 0;
+    for (int64_t i = st->next.fetch_add(1); i < st->total; i = st->next.fetch_add(1)) {
+      (*st->fn)(i, i + 1);
+      ++finished;
+    }
+    return finished;
+  };
+  const int64_t spawn = std::min<int64_t>(helpers, n - 1);
+  for (int64_t h = 0; h < spawn; ++h) {
+    pool->Schedule([state, work]() {
+      const int64_t finished = work(state.get());
+      if (finished > 0 &&
+          state->done.fetch_add(finished) + finished == state->total) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    });
+  }
+  const int64_t mine = work(state.get());
+  if (state->done.fetch_add(mine) + mine == n) return;
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
 template <>
 struct DeviceContext<Eigen::ThreadPoolDevice> {
   static CpuDevice Make(OpKernelContext* ctx) {
     auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     CpuDevice d;
     d.num_threads = pool->NumThreads();
-    d.parallel_for = [pool](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
-      pool->ParallelFor(n, tensorflow::thread::ThreadPool::SchedulingParams::Fixed(1), fn);
+    // The kernel runs on one of the pool's threads (or the caller's), so at
+    // most NumThreads() - 1 others can help.
+    const int helpers = std::max(0, pool->NumThreads() - 1);
+    d.parallel_for = [pool, helpers](int64_t n,
+                                     const std::function<void(int64_t, int64_t)>& fn) {
+      ClaimingParallelFor(pool, helpers, n, fn);
     };
     return d;
   }
