@@ -25,10 +25,9 @@ point, for any image size; nothing is resized or cropped.
 Cost: the first convolution/activation/pooling level is evaluated only on the
 part of the padded input that the image reaches (always at inference; in
 training only without batch normalisation, whose batch statistics span the
-whole map);
-the rest of that map is the constant ``act(bias)`` and is filled in directly
-(exactly the same outputs; about 30% less inference time for 28x28 images at
-spacing 8).
+whole map); the rest of that map is the constant ``act(bias)`` and is filled
+in directly (exactly the same outputs; about 30% less inference time for
+28x28 images at spacing 8).
 """
 
 import math
