@@ -3,7 +3,10 @@
 Times ``forward`` and ``forward+backward`` (gradients w.r.t. image and coords,
 and w.r.t. coords only -- what DIRNet training needs) of
 
-* ``op``           -- ``dirnet_tf.resample`` (the compiled ``Dirnet>Resample``),
+* ``op``           -- ``dirnet_tf.resample`` (the compiled ``Dirnet>Resample``) in
+  ``tf.function``, like every TF row,
+* ``op-eager``     -- the same called eagerly (no ``tf.function`` call overhead, which
+  is a large part of the small case),
 * ``tf-gather``    -- the pure-TF gather resampler in ``tf.function``,
 * ``tf-gather-xla``-- the same with ``jit_compile=True`` (strongest pure-TF path),
 * ``keras-mapcoord`` -- ``keras.ops.image.map_coordinates(order=1)`` per item and
@@ -116,6 +119,25 @@ def tf_callables(fn, jit_compile, image, coords, weights):
     }
 
 
+def eager_callables(fn, image, coords, weights):
+    """The same three computations run eagerly (no tf.function call overhead)."""
+    image, coords, weights = (tf.constant(x) for x in (image, coords, weights))
+
+    def both():
+        with tf.GradientTape() as tape:
+            tape.watch([image, coords])
+            loss = tf.reduce_sum(fn(image, coords) * weights)
+        return tape.gradient(loss, [image, coords])
+
+    def coords_only():
+        with tf.GradientTape() as tape:
+            tape.watch(coords)
+            loss = tf.reduce_sum(fn(image, coords) * weights)
+        return tape.gradient(loss, coords)
+
+    return {"forward": lambda: fn(image, coords), "fwd+bwd": both, "fwd+bwd coords": coords_only}
+
+
 def torch_callables(image, coords, weights):
     """grid_sample with the same samples: channels first, normalised xy(z) order."""
     import torch
@@ -162,6 +184,7 @@ def build_methods(case, skip):
     image, coords, weights = make_inputs(case["batch"], case["spatial"])
     methods = {
         "op": lambda: tf_callables(dirnet_tf.resample, False, image, coords, weights),
+        "op-eager": lambda: eager_callables(dirnet_tf.resample, image, coords, weights),
         "tf-gather": lambda: tf_callables(resample_tf, False, image, coords, weights),
         "tf-gather-xla": lambda: tf_callables(resample_tf, True, image, coords, weights),
         "keras-mapcoord": lambda: tf_callables(keras_map_coordinates, False, image, coords,
