@@ -450,8 +450,8 @@ def registration_figure(fixed, moving, warped, displacement, titles=None, grid_s
     """Matplotlib figure like the paper's: rows fixed / moving / warped / deformation grid.
 
     The last row draws the sampling grid ``x + u(x)`` (every ``grid_step`` pixels) over
-    the warped image: where each fixed-image pixel takes its value from in the moving
-    image. 2-D images only.
+    the (faded) moving image: where each fixed-image pixel takes its value from in the
+    moving image. 2-D images only.
 
     Parameters
     ----------
@@ -476,11 +476,11 @@ def registration_figure(fixed, moving, warped, displacement, titles=None, grid_s
     fixed, moving, warped, displacement = (_to_numpy(a) for a in (fixed, moving, warped, displacement))
     n = min(len(fixed), max_cols)
     fig, axes = plt.subplots(4, n, figsize=(1.6 * n, 6.6), squeeze=False)
-    rows = ("fixed", "moving", "warped", "grid")
+    rows = ("fixed", "moving", "warped", "grid on moving")
     h, w = fixed.shape[1:3]
     ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     for c in range(n):
-        for r, img in enumerate((fixed[c], moving[c], warped[c], warped[c])):
+        for r, img in enumerate((fixed[c], moving[c], warped[c], moving[c])):
             ax = axes[r, c]
             ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=max(1.0, float(img.max())),
                       alpha=0.35 if r == 3 else 1.0)
