@@ -103,7 +103,9 @@ $(GPU_HARNESS): ops/gpu_harness.cu ops/resample_kernels.cu.cc $(CPU_HEADERS)
 	@mkdir -p $(BUILD_DIR)
 	$(NVCC) $(NVCCFLAGS) -o $@ ops/gpu_harness.cu -x cu ops/resample_kernels.cu.cc
 
-test-gpu: $(GPU_HARNESS)
+test-gpu:
+	@command -v $(NVCC) >/dev/null 2>&1 || { echo "make test-gpu needs the CUDA compiler '$(NVCC)' (set NVCC=...)"; exit 1; }
+	@$(MAKE) --no-print-directory $(GPU_HARNESS)
 	./$(GPU_HARNESS)
 
 bench:

@@ -38,7 +38,7 @@ def _cuda_setup(tf, include_dir, nvcc):
         return False, "", "this TensorFlow is not built with CUDA (e.g. tensorflow-cpu)"
     nvcc_path = shutil.which(nvcc)
     if nvcc_path is None:
-        return False, "", f"no CUDA compiler `{nvcc}` on PATH"
+        return False, "", f"no CUDA compiler {nvcc!r} on PATH"
     cuda_home = _find_cuda_home(nvcc_path)
     if not os.path.exists(os.path.join(include_dir, "third_party", "gpus", "cuda", "include",
                                        "cuda_fp16.h")):
