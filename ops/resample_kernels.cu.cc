@@ -25,10 +25,13 @@ namespace gpu {
 
 constexpr int kThreads = 256;
 
+// Corners outside the image (zeros mode) carry weight 0 and point at element
+// 0 of the item; skipping those exact no-op adds avoids piling atomics onto
+// that one address when many samples fall outside.
 struct AtomicAdd {
   template <typename T>
   __device__ __forceinline__ void operator()(T* p, T v) const {
-    atomicAdd(p, v);
+    if (v != T(0)) atomicAdd(p, v);
   }
 };
 
