@@ -25,7 +25,7 @@ class DIRNet(keras.Model):
         Resampling boundary: ``"border"`` (default) or ``"zeros"``.
     channels : int
         Channels ``C`` of each image (default 1).
-    filters, pointwise_filters, batch_norm, activation
+    filters, pointwise_filters, batch_norm, activation, convs_per_level
         Regressor settings (see :class:`dirnet_tf.layers.Regressor`); the
         default width is 16.
     similarity : str or callable
@@ -69,6 +69,7 @@ class DIRNet(keras.Model):
         pointwise_filters=None,
         batch_norm=False,
         activation="elu",
+        convs_per_level=1,
         similarity="ncc",
         bending_weight=0.0,
         folding_weight=0.0,
@@ -96,6 +97,7 @@ class DIRNet(keras.Model):
             pointwise_filters=pointwise_filters,
             batch_norm=batch_norm,
             activation=activation,
+            convs_per_level=convs_per_level,
             name="regressor",
             dtype=self.dtype_policy,
         )
@@ -235,6 +237,7 @@ class DIRNet(keras.Model):
             "pointwise_filters": list(reg.pointwise_filters),
             "batch_norm": reg.batch_norm,
             "activation": reg.activation,
+            "convs_per_level": list(reg.convs_per_level),
             "similarity": similarity,
             "bending_weight": self.bending_weight,
             "folding_weight": self.folding_weight,

@@ -96,6 +96,11 @@ class Regressor(keras.layers.Layer):
     pointwise_filters : int or sequence of int or None
         Widths of the hidden 1x1 convolutions; default two of width
         ``filters[-1]``.  The final linear 1x1 layer comes on top.
+    convs_per_level : int or sequence of int
+        Number of 3x3 convolutions (all of that level's width) at each
+        resolution level, ``max(log2 s) + 1`` entries: before each pooling
+        and after the last.  Default 1 (the paper); extra convolutions at the
+        coarse levels add capacity and receptive field at little cost.
     batch_norm : bool
         Batch normalisation between every hidden convolution and its
         activation.
@@ -124,6 +129,7 @@ class Regressor(keras.layers.Layer):
         pointwise_filters=None,
         batch_norm=False,
         activation="elu",
+        convs_per_level=1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -145,6 +151,15 @@ class Regressor(keras.layers.Layer):
                 f"convolution for grid_spacing {self.grid_spacing}), got {filters!r}"
             )
         self.filters = filters
+        if isinstance(convs_per_level, (int, np.integer)):
+            convs_per_level = [int(convs_per_level)] * (depth + 1)
+        convs_per_level = [int(c) for c in convs_per_level]
+        if len(convs_per_level) != depth + 1 or any(c < 1 for c in convs_per_level):
+            raise ValueError(
+                f"convs_per_level must be a positive int or {depth + 1} positive ints (one per "
+                f"resolution level for grid_spacing {self.grid_spacing}), got {convs_per_level!r}"
+            )
+        self.convs_per_level = convs_per_level
         if pointwise_filters is None:
             pointwise_filters = [filters[-1]] * 2
         elif isinstance(pointwise_filters, int):
@@ -181,6 +196,8 @@ class Regressor(keras.layers.Layer):
             # The first convolution gets its zero padding explicitly (see call).
             self._stack += block(filters[level], 3, f"conv{level}",
                                  padding="valid" if level == 0 else "same")
+            for extra in range(1, self.convs_per_level[level]):
+                self._stack += block(filters[level], 3, f"conv{level}_{extra}")
             if level < depth:
                 size = tuple(2 if level < p else 1 for p in self.levels)
                 self._stack.append(
@@ -192,7 +209,10 @@ class Regressor(keras.layers.Layer):
             ndim, 1, padding="same", kernel_initializer="zeros", bias_initializer="zeros",
             name="control_points", dtype=output_policy,
         )
-        self._first_level = self._first_level_geometry() if depth else None
+        # The first-level shortcut needs conv -> (BN) -> act -> pool at full resolution.
+        self._first_level = (
+            self._first_level_geometry() if depth and self.convs_per_level[0] == 1 else None
+        )
 
     def _first_level_geometry(self):
         """Static geometry of the shortcut for the first conv + activation + pool.
@@ -298,5 +318,6 @@ class Regressor(keras.layers.Layer):
             pointwise_filters=list(self.pointwise_filters),
             batch_norm=self.batch_norm,
             activation=self.activation,
+            convs_per_level=list(self.convs_per_level),
         )
         return config

@@ -40,6 +40,8 @@ training.define_flag("bool", "select_best", True, "Evaluate/export the checkpoin
                   "(otherwise the last one).")
 training.define_flag("bool", "evaluate", True, "Evaluate on the test pairs after training (needs --export).")
 training.define_flag("bool", "export", True, "Write the SavedModel after training.")
+training.define_flag("string", "convs_per_level", "1", "3x3 convolutions per resolution level of the regressor: "
+                    "one int, or a comma list with one per level (log2(grid_spacing) + 1 of them).")
 
 FLAGS = flags.FLAGS
 IMAGE_SHAPE = (28, 28)
@@ -50,7 +52,7 @@ DEFAULTS = dict(steps=6000, batch_size=32, learning_rate=5e-3, lr_schedule="cosi
 
 
 def build_model(grid_spacing, filters, boundary="border", mixed_precision=False, pointwise_filters=None,
-                batch_norm=False):
+                batch_norm=False, convs_per_level=1):
     """The MNIST DIRNet (28x28, one channel).
 
     Parameters
@@ -65,6 +67,8 @@ def build_model(grid_spacing, filters, boundary="border", mixed_precision=False,
         Regressor hidden 1x1 widths (None: its default).
     batch_norm : bool
         Batch normalisation in the regressor.
+    convs_per_level : int or list of int
+        Regressor 3x3 convolutions per resolution level.
     mixed_precision : bool
         Keep the B-spline transformer and the resampler in float32 when the global
         policy is ``mixed_float16``.
@@ -72,7 +76,8 @@ def build_model(grid_spacing, filters, boundary="border", mixed_precision=False,
     from dirnet_tf import DIRNet
 
     model = DIRNet(IMAGE_SHAPE, grid_spacing, boundary=boundary, filters=filters,
-                   pointwise_filters=pointwise_filters, batch_norm=batch_norm)
+                   pointwise_filters=pointwise_filters, batch_norm=batch_norm,
+                   convs_per_level=convs_per_level)
     if mixed_precision:
         training.keep_float32(model)
     return model
@@ -179,7 +184,8 @@ def run(config):
         lambda: build_model(config["grid_spacing"], training.parse_int_list(config["filters"]),
                             mixed_precision=config["mixed_precision"],
                             pointwise_filters=training.parse_int_list(config["pointwise_filters"]),
-                            batch_norm=config["batch_norm"]),
+                            batch_norm=config["batch_norm"],
+                            convs_per_level=training.parse_int_list(config.get("convs_per_level", "1"))),
         loss, sampler, logdir=config["logdir"], steps=config["steps"], batch_size=config["batch_size"],
         learning_rate=config["learning_rate"], lr_schedule=config["lr_schedule"], strategy=strategy,
         mixed_precision=config["mixed_precision"], validation=validation, log_every=config["log_every"],

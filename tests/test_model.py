@@ -44,14 +44,19 @@ def test_regressor_lands_on_control_grid(shape, spacing):
         assert before >= 0 and after >= 0 and n + before + after == (k - 2) * sd
 
 
-@pytest.mark.parametrize("shape,spacing", [((21, 17), (4, 8)), ((9, 12, 7), (2, 4, 1))])
-def test_regressor_cells_are_centred_on_their_control_points(shape, spacing):
+@pytest.mark.parametrize("shape,spacing,convs", [((21, 17), (4, 8), 1), ((21, 17), (4, 8), [2, 1, 3, 2]),
+                                                 ((9, 12, 7), (2, 4, 1), 1), ((9, 12, 7), (2, 4, 1), [1, 2, 3])])
+def test_regressor_cells_are_centred_on_their_control_points(shape, spacing, convs):
     # With pass-through weights (3x3 kernels = centre tap from channel 0 to 0,
     # ELU is the identity on positive values) the output at control point k is
     # the mean of the input over the cell of k: an impulse at the pixel of
     # control point k, (k - 1) * s, must show up at index k and nowhere else.
+    # Extra 3x3 convolutions per level (convs_per_level) keep this geometry.
     ndim = len(shape)
-    reg = layers.Regressor(shape, spacing, filters=2, pointwise_filters=[2])
+    reg = layers.Regressor(shape, spacing, filters=2, pointwise_filters=[2], convs_per_level=convs)
+    expected = [convs] * len(reg.filters) if isinstance(convs, int) else convs
+    kernels = [layer for layer in reg._stack if hasattr(layer, "kernel_size") and layer.kernel_size[0] == 3]
+    assert len(kernels) == sum(expected)
     reg.build((1,) + shape + (2,))
     for layer in reg._stack + [reg.output_conv]:
         if hasattr(layer, "kernel"):
@@ -99,6 +104,45 @@ def test_regressor_first_level_shortcut_is_exact(shape, spacing, batch_norm):
         reg._first_level = geometry
     assert np.abs(plain).max() > 0.1
     np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_regressor_convs_per_level_gradients_round_trip(tmp_path):
+    shape = (28, 28)
+    model = dirnet_tf.DIRNet(shape, 8, filters=[4, 6, 8, 8], convs_per_level=[1, 1, 2, 3])
+    reg = model.regressor
+    assert reg.convs_per_level == [1, 1, 2, 3] and reg._first_level is not None
+    # Each extra 3x3 convolution sees its level's width and map size (28x28 at
+    # spacing 8: padded 40 -> 20 -> 10 -> 5 cells + border = 7).
+    sizes = {"conv2_1": (10, 10), "conv3_1": (7, 7), "conv3_2": (7, 7)}
+    pads = [(0, 0)] + [(b + 1, a + 1) for b, a in regressor_padding(shape, 8)] + [(0, 0)]
+    x = keras.ops.pad(np.concatenate(_pair(shape, batch=1), -1), pads)
+    seen = {}
+    for layer in reg._stack:
+        if layer.name in sizes:
+            seen[layer.name] = tuple(x.shape[1:3])
+            assert tuple(layer.kernel.shape) == (3, 3, 8, 8)
+        x = layer(x)
+    assert seen == sizes
+    fixed, moving = _pair(shape, batch=3, seed=21)
+    _, grads = _grads(model, fixed, moving)
+    keras.optimizers.Adam(1e-2).apply_gradients(zip(grads, model.trainable_weights))
+    _, grads = _grads(model, fixed, moving)
+    for w, g in zip(model.trainable_weights, grads):
+        assert g is not None and np.abs(g.numpy()).max() > 0, w.path
+    path = os.path.join(tmp_path, "deep.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.regressor.convs_per_level == [1, 1, 2, 3]
+    a = model({"fixed": fixed, "moving": moving})
+    b = loaded({"fixed": fixed, "moving": moving})
+    assert np.abs(a["displacement"].numpy()).max() > 0
+    np.testing.assert_array_equal(a["displacement"].numpy(), b["displacement"].numpy())
+    # Extra full-resolution convolutions: the first-level shortcut no longer applies.
+    assert layers.Regressor(shape, 8, filters=4, convs_per_level=[2, 1, 1, 1])._first_level is None
+    with pytest.raises(ValueError, match=r"convs_per_level must be .*4 positive ints.*\[1, 2\]"):
+        layers.Regressor(shape, 8, convs_per_level=[1, 2])
+    with pytest.raises(ValueError, match="convs_per_level"):
+        layers.Regressor(shape, 8, convs_per_level=0)
 
 
 def test_regressor_rejects_non_power_of_two_spacing():
