@@ -20,6 +20,10 @@ wall time of one registration (pairs run one after another, elastix has no batch
 mode; the displacement field for the folding measure is computed afterwards and not
 timed).
 
+elastix results are cached in ``--outdir`` (``elastix_gs{N}.npz``) and reused for the same
+pairs, parameter file and thread count (``--no-elastix_cache`` recomputes); the speed-up is
+also measured in alternating DIRNet/elastix rounds (``--timing_rounds``).
+
 Writes ``bench_registration.json``, ``bench_registration.md`` (the table) and
 ``bench_registration.png`` (chart) into ``--outdir`` (default ``runs/bench``).
 
