@@ -7,6 +7,11 @@ and w.r.t. coords only -- what DIRNet training needs) of
   ``tf.function``, like every TF row,
 * ``op-eager``     -- the same called eagerly (no ``tf.function`` call overhead, which
   is a large part of the small case),
+* ``op-loop`` / ``tf-gather-xla-loop`` -- the op / the XLA gather path repeated
+  ``--loop`` times inside one ``tf.function`` (a ``tf.range`` loop whose
+  coordinates depend on the previous iteration, so nothing is hoisted); the time
+  per iteration is what the computation costs inside a larger graph such as a
+  training step, without the per-call dispatch overhead,
 * ``tf-gather``    -- the pure-TF gather resampler in ``tf.function``,
 * ``tf-gather-xla``-- the same with ``jit_compile=True`` (strongest pure-TF path),
 * ``keras-mapcoord`` -- ``keras.ops.image.map_coordinates(order=1)`` per item and
@@ -119,6 +124,45 @@ def tf_callables(fn, jit_compile, image, coords, weights):
     }
 
 
+def looped_callables(fn, jit_compile, image, coords, weights, repeats):
+    """The three computations repeated ``repeats`` times inside one tf.function.
+
+    Each iteration shifts the coordinates by a negligible amount that depends on
+    the previous iteration's result, so the loop body cannot be hoisted or
+    merged, and reduces its whole result (output or gradients) so that XLA
+    cannot skip any of it; :func:`run_case` divides the measured time by
+    ``repeats``.
+    """
+    image, coords, weights = (tf.constant(x) for x in (image, coords, weights))
+
+    def loop(step):
+        @tf.function(jit_compile=jit_compile)
+        def run(i, c):
+            carry = tf.zeros((), c.dtype)
+            for _ in tf.range(repeats):
+                carry = step(i, c + 1e-30 * carry)
+            return carry
+        return lambda: run(image, coords)
+
+    def forward(i, c):
+        return tf.reduce_sum(fn(i, c) * weights)
+
+    def both(i, c):
+        with tf.GradientTape() as tape:
+            tape.watch([i, c])
+            loss = tf.reduce_sum(fn(i, c) * weights)
+        gi, gc = tape.gradient(loss, [i, c])
+        return tf.reduce_sum(gi) + tf.reduce_sum(gc)
+
+    def coords_only(i, c):
+        with tf.GradientTape() as tape:
+            tape.watch(c)
+            loss = tf.reduce_sum(fn(i, c) * weights)
+        return tf.reduce_sum(tape.gradient(loss, c))
+
+    return {"forward": loop(forward), "fwd+bwd": loop(both), "fwd+bwd coords": loop(coords_only)}
+
+
 def eager_callables(fn, image, coords, weights):
     """The same three computations run eagerly (no tf.function call overhead)."""
     image, coords, weights = (tf.constant(x) for x in (image, coords, weights))
@@ -180,19 +224,26 @@ def torch_available():
     return True
 
 
-def build_methods(case, skip):
+def build_methods(case, skip, loop):
+    """Callables per method; also the number of computations one call performs."""
     image, coords, weights = make_inputs(case["batch"], case["spatial"])
     methods = {
         "op": lambda: tf_callables(dirnet_tf.resample, False, image, coords, weights),
+        "op-loop": lambda: looped_callables(dirnet_tf.resample, False, image, coords, weights,
+                                            loop),
         "op-eager": lambda: eager_callables(dirnet_tf.resample, image, coords, weights),
         "tf-gather": lambda: tf_callables(resample_tf, False, image, coords, weights),
         "tf-gather-xla": lambda: tf_callables(resample_tf, True, image, coords, weights),
+        "tf-gather-xla-loop": lambda: looped_callables(resample_tf, True, image, coords, weights,
+                                                       loop),
         "keras-mapcoord": lambda: tf_callables(keras_map_coordinates, False, image, coords,
                                                weights),
     }
     if torch_available():
         methods["torch-grid_sample"] = lambda: torch_callables(image, coords, weights)
-    return {name: make() for name, make in methods.items() if name not in skip}
+    built = {name: make() for name, make in methods.items() if name not in skip}
+    per_call = {name: (loop if name.endswith("-loop") else 1) for name in built}
+    return built, per_call
 
 
 def calibrate(fn, target_s):
@@ -205,8 +256,8 @@ def calibrate(fn, target_s):
     return max(1, min(200, int(target_s / once)))
 
 
-def run_case(name, case, rounds, target_s, skip, log):
-    methods = build_methods(case, skip)
+def run_case(name, case, rounds, target_s, skip, loop, log):
+    methods, per_call = build_methods(case, skip, loop)
     jobs = [(m, mode) for m in methods for mode in MODES]
     inner = {}
     for method, mode in jobs:
@@ -221,13 +272,14 @@ def run_case(name, case, rounds, target_s, skip, log):
             start = time.perf_counter()
             for _ in range(n):
                 fn()
-            samples[job].append((time.perf_counter() - start) / n * 1e3)
+            samples[job].append((time.perf_counter() - start) / (n * per_call[job[0]]) * 1e3)
         log(f"  {case['label']}: round {r + 1}/{rounds}")
     return {
         method: {
             mode: {"median_ms": statistics.median(samples[(method, mode)]),
                    "samples_ms": samples[(method, mode)],
-                   "calls_per_sample": inner[(method, mode)]}
+                   "calls_per_sample": inner[(method, mode)],
+                   "computations_per_call": per_call[method]}
             for mode in MODES
         }
         for method in methods
@@ -268,6 +320,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--target_ms", type=float, default=30.0,
                         help="approximate duration of one timing sample")
+    parser.add_argument("--loop", type=int, default=16,
+                        help="iterations per tf.function call of the *-loop methods")
     parser.add_argument("--skip", default="", help="comma-separated methods to leave out")
     parser.add_argument("--json", default=os.path.join("runs", "bench", "bench_resample.json"),
                         help="where to write all results")
@@ -296,13 +350,14 @@ def main(argv=None):
         if name not in CASES:
             parser.error(f"unknown case {name!r}; known: {list(CASES)}")
         log(f"case {CASES[name]['label']}")
-        results[name] = run_case(name, CASES[name], args.rounds, args.target_ms / 1e3, skip, log)
+        results[name] = run_case(name, CASES[name], args.rounds, args.target_ms / 1e3, skip,
+                                 args.loop, log)
     table = format_table(results)
     print(table)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"environment": env, "rounds": args.rounds, "cases": CASES,
+            json.dump({"environment": env, "rounds": args.rounds, "loop": args.loop, "cases": CASES,
                        "results": results}, f, indent=1)
         log(f"wrote {args.json}")
 
