@@ -95,6 +95,8 @@ def define_flags():
            "list with one per convolution (log2(grid_spacing) + 1 of them).")
     define("string", "pointwise_filters", "", "Widths of the regressor's hidden 1x1 convolutions, a comma "
            "list (empty: the regressor's default, two of the last 3x3 width).")
+    define("string", "convs_per_level", "1", "3x3 convolutions per resolution level of the regressor: "
+           "one int, or a comma list with one per level (log2(grid_spacing) + 1 of them).")
     define("bool", "batch_norm", False, "Batch normalisation in the regressor.")
     define("enum", "similarity", "ncc", "Similarity loss.", list(SIMILARITIES))
     define("float", "bending_weight", 0.0, "Weight of the B-spline bending energy (0 = paper).")
@@ -784,10 +786,9 @@ class Trainer:
         improved = metrics.get("ncc", -np.inf) > self.best_ncc
         if improved:
             self.best_ncc = metrics["ncc"]
-            best = self.best_manager.save(checkpoint_number=step)
+            self.best_manager.save(checkpoint_number=step)
             if not self.is_chief:
                 shutil.rmtree(os.path.join(self._ckpt_dir, "best"), ignore_errors=True)
-            del best
         self.print(f"[valid] step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
                    + ("  (best)" if improved else ""))
         return metrics
@@ -883,6 +884,97 @@ class Trainer:
         inner = getattr(opt, "inner_optimizer", opt)
         lr = inner.learning_rate
         return float(lr.numpy() if hasattr(lr, "numpy") else lr)
+
+
+def build_dirnet(image_shape, config, channels=1, boundary="border"):
+    """The DIRNet described by the shared regressor flags in ``config``.
+
+    Parameters
+    ----------
+    image_shape : sequence of int
+        Spatial image size.
+    config : dict
+        Flag values (:func:`flags_dict`): ``grid_spacing``, ``filters``,
+        ``pointwise_filters``, ``convs_per_level``, ``batch_norm``,
+        ``mixed_precision``.
+    channels : int
+        Image channels.
+    boundary : str
+        Resampling boundary mode.
+    """
+    from dirnet_tf.model import DIRNet
+
+    model = DIRNet(tuple(image_shape), config["grid_spacing"], boundary=boundary, channels=channels,
+                   filters=parse_int_list(config["filters"]),
+                   pointwise_filters=parse_int_list(config.get("pointwise_filters", "")),
+                   convs_per_level=parse_int_list(config.get("convs_per_level", "1")),
+                   batch_norm=bool(config.get("batch_norm", False)))
+    if config.get("mixed_precision"):
+        keep_float32(model)
+    return model
+
+
+def trainer_from_config(config, image_shape, sampler, strategy=None, validation=None, channels=1):
+    """A :class:`Trainer` of :func:`build_dirnet` set up from the shared experiment flags.
+
+    Parameters
+    ----------
+    config : dict
+        Flag values (:func:`define_flags`).
+    image_shape : sequence of int
+        Spatial image size.
+    sampler : callable
+        ``step -> global batch dict`` (see :func:`same_group_pair_sampler`).
+    strategy : tf.distribute.Strategy or None
+    validation : dict or None
+        ``{"fixed", "moving"}`` validation pairs for model selection.
+    channels : int
+        Image channels.
+    """
+    loss = make_registration_loss(config["similarity"], config["bending_weight"],
+                                  config["folding_weight"], image_shape, config["grid_spacing"])
+    return Trainer(
+        lambda: build_dirnet(image_shape, config, channels=channels), loss, sampler,
+        logdir=config["logdir"], steps=config["steps"], batch_size=config["batch_size"],
+        learning_rate=config["learning_rate"], lr_schedule=config["lr_schedule"], strategy=strategy,
+        mixed_precision=config["mixed_precision"], validation=validation,
+        log_every=config["log_every"], eval_every=config["eval_every"],
+        checkpoint_every=config["checkpoint_every"], config=config, resume=config["resume"],
+        seed=config["seed"])
+
+
+def train_or_restore(trainer, config):
+    """Train (or, with ``export_only``, restore the last checkpoint), then select.
+
+    With ``select_best`` the chief loads the best validation checkpoint (other
+    workers do not export, so they skip it rather than race the chief's writes).
+
+    Parameters
+    ----------
+    trainer : Trainer
+    config : dict
+        Flag values: ``export_only``, ``select_best``, ``logdir``.
+
+    Returns
+    -------
+    ``(summary, train_seconds)``: the training summary (empty with
+    ``export_only``) and the training wall-clock time (None with ``export_only``).
+    """
+    start = time.perf_counter()
+    summary = {}
+    if config["export_only"]:
+        path = trainer.restore()
+        if path is None:
+            raise FileNotFoundError(f"--export_only: no checkpoint in {config['logdir']}; train first")
+        trainer.print(f"[export] restored {path}")
+    else:
+        summary = trainer.train()
+    train_seconds = None if config["export_only"] else time.perf_counter() - start
+    if config.get("select_best") and trainer.is_chief:
+        best = trainer.restore_best()
+        if best:
+            trainer.print(f"[select] using the best validation checkpoint {best}")
+    return summary, train_seconds
 
 
 def _finite(x):

@@ -33,7 +33,6 @@ Examples::
 
 import os
 import sys
-import time
 
 import numpy as np
 from absl import app, flags
@@ -440,36 +439,6 @@ def _print_summary(m):
 # --------------------------------------------------------------------------- main
 
 
-def build_model(image_size, grid_spacing, filters, boundary="border", mixed_precision=False,
-                pointwise_filters=None, batch_norm=False):
-    """The cardiac DIRNet (``image_size x image_size``, one channel).
-
-    Parameters
-    ----------
-    image_size : int
-        Image height and width in pixels.
-    grid_spacing : int
-        Control-point spacing (power of two).
-    filters : int or list of int
-        Regressor width(s) of the 3x3 convolutions.
-    boundary : str
-        Resampling boundary mode.
-    mixed_precision : bool
-        Keep the B-spline transformer and the resampler in float32 under ``mixed_float16``.
-    pointwise_filters : int, list of int or None
-        Regressor hidden 1x1 widths (None: its default).
-    batch_norm : bool
-        Batch normalisation in the regressor.
-    """
-    from dirnet_tf import DIRNet
-
-    model = DIRNet((image_size, image_size), grid_spacing, boundary=boundary, filters=filters,
-                   pointwise_filters=pointwise_filters, batch_norm=batch_norm)
-    if mixed_precision:
-        training.keep_float32(model)
-    return model
-
-
 def run(config):
     """Train / export / evaluate according to ``config`` (a dict of flag values).
 
@@ -493,33 +462,8 @@ def run(config):
     sampler = training.same_group_pair_sampler(images, groups, config["batch_size"], config["seed"])
     valid = ed_es_pairs(patients, splits.get("valid", []))
     validation = None if valid is None else {"fixed": valid["fixed"], "moving": valid["moving"]}
-    loss = training.make_registration_loss(config["similarity"], config["bending_weight"],
-                                           config["folding_weight"], image_shape, config["grid_spacing"])
-    trainer = training.Trainer(
-        lambda: build_model(size, config["grid_spacing"], training.parse_int_list(config["filters"]),
-                            mixed_precision=config["mixed_precision"],
-                            pointwise_filters=training.parse_int_list(config.get("pointwise_filters", "")),
-                            batch_norm=config.get("batch_norm", False)),
-        loss, sampler, logdir=config["logdir"], steps=config["steps"], batch_size=config["batch_size"],
-        learning_rate=config["learning_rate"], lr_schedule=config["lr_schedule"], strategy=strategy,
-        mixed_precision=config["mixed_precision"], validation=validation, log_every=config["log_every"],
-        eval_every=config["eval_every"], checkpoint_every=config["checkpoint_every"], config=config,
-        resume=config["resume"], seed=config["seed"])
-
-    t0 = time.perf_counter()
-    summary = {}
-    if config["export_only"]:
-        path = trainer.restore()
-        if path is None:
-            raise FileNotFoundError(f"--export_only: no checkpoint in {config['logdir']}; train first")
-        print(f"[export] restored {path}", flush=True)
-    else:
-        summary = trainer.train()
-    train_seconds = time.perf_counter() - t0
-    if config["select_best"]:
-        best = trainer.restore_best()
-        if best:
-            print(f"[select] using the best validation checkpoint {best}", flush=True)
+    trainer = training.trainer_from_config(config, image_shape, sampler, strategy, validation)
+    summary, train_seconds = training.train_or_restore(trainer, config)
     if not trainer.is_chief:
         return summary
     metadata = {"image_shape": list(image_shape), "channels": 1, "grid_spacing": config["grid_spacing"],
@@ -543,7 +487,7 @@ def run(config):
         step=int(trainer.step.numpy()),
         best_validation_ncc=summary.get("best_validation_ncc",
                                         trainer.best_ncc if np.isfinite(trainer.best_ncc) else None),
-        train_seconds=train_seconds if not config["export_only"] else None,
+        train_seconds=train_seconds,
         train_steps_per_second=summary.get("steps_per_second"),
         device="GPU" if tf.config.list_physical_devices("GPU") else "CPU",
         replicas=strategy.num_replicas_in_sync,
