@@ -91,12 +91,14 @@ def define_flags():
     define("enum", "lr_schedule", "cosine", "Learning-rate schedule: constant or cosine decay "
            "(with a short linear warm-up).", ["constant", "cosine"])
     define("integer", "grid_spacing", 8, "B-spline control-point spacing in pixels (a power of two).")
-    define("string", "filters", "32", "Width of the regressor's 3x3 convolutions: one int, or a comma "
-           "list with one per convolution (log2(grid_spacing) + 1 of them).")
+    define("string", "filters", "32", "Width of the regressor's 3x3 convolutions: one int, a comma "
+           "list with one per resolution level (log2(grid_spacing) + 1 of them), or 'auto' "
+           "(16, 32, then 48 at every coarser level).")
     define("string", "pointwise_filters", "", "Widths of the regressor's hidden 1x1 convolutions, a comma "
            "list (empty: the regressor's default, two of the last 3x3 width).")
     define("string", "convs_per_level", "1", "3x3 convolutions per resolution level of the regressor: "
-           "one int, or a comma list with one per level (log2(grid_spacing) + 1 of them).")
+           "one int, a comma list with one per level (log2(grid_spacing) + 1 of them), or 'auto' "
+           "(1, 1, then 2 at every coarser level).")
     define("bool", "batch_norm", False, "Batch normalisation in the regressor.")
     define("enum", "similarity", "ncc", "Similarity loss.", list(SIMILARITIES))
     define("float", "bending_weight", 0.0, "Weight of the B-spline bending energy (0 = paper).")
@@ -886,6 +888,33 @@ class Trainer:
         return float(lr.numpy() if hasattr(lr, "numpy") else lr)
 
 
+AUTO_FILTERS = (16, 32, 48)
+AUTO_CONVS_PER_LEVEL = (1, 1, 2)
+
+
+def regressor_levels(grid_spacing, value, auto):
+    """Per-level regressor setting from a flag value.
+
+    Parameters
+    ----------
+    grid_spacing : int
+        Control-point spacing (a power of two): ``log2(s) + 1`` resolution levels.
+    value : str or int
+        ``"auto"``, one int, or a comma list of ints (see :func:`parse_int_list`).
+    auto : sequence of int
+        The ``"auto"`` rule: its entries for the finest levels, its last entry
+        repeated for every coarser level.
+
+    Returns
+    -------
+    int or list of int
+    """
+    if str(value).strip().lower() != "auto":
+        return parse_int_list(value)
+    levels = int(round(math.log2(max(1, int(grid_spacing))))) + 1
+    return [auto[min(level, len(auto) - 1)] for level in range(levels)]
+
+
 def build_dirnet(image_shape, config, channels=1, boundary="border"):
     """The DIRNet described by the shared regressor flags in ``config``.
 
@@ -905,9 +934,11 @@ def build_dirnet(image_shape, config, channels=1, boundary="border"):
     from dirnet_tf.model import DIRNet
 
     model = DIRNet(tuple(image_shape), config["grid_spacing"], boundary=boundary, channels=channels,
-                   filters=parse_int_list(config["filters"]),
+                   filters=regressor_levels(config["grid_spacing"], config["filters"], AUTO_FILTERS),
                    pointwise_filters=parse_int_list(config.get("pointwise_filters", "")),
-                   convs_per_level=parse_int_list(config.get("convs_per_level", "1")),
+                   convs_per_level=regressor_levels(config["grid_spacing"],
+                                                    config.get("convs_per_level", "1"),
+                                                    AUTO_CONVS_PER_LEVEL),
                    batch_norm=bool(config.get("batch_norm", False)))
     if config.get("mixed_precision"):
         keep_float32(model)

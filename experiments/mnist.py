@@ -42,7 +42,7 @@ training.define_flag("bool", "export", True, "Write the SavedModel after trainin
 FLAGS = flags.FLAGS
 IMAGE_SHAPE = (28, 28)
 DEFAULTS = dict(steps=10000, batch_size=32, learning_rate=5e-3, lr_schedule="cosine", grid_spacing=8,
-                filters="16,32,48,48", convs_per_level="1,1,2,2", logdir=os.path.join("runs", "mnist"),
+                filters="auto", convs_per_level="auto", logdir=os.path.join("runs", "mnist"),
                 export_dir=os.path.join("exports", "mnist"), log_every=100, eval_every=500,
                 checkpoint_every=500, folding_weight=1.0)
 

@@ -203,3 +203,20 @@ def test_parse_int_list_and_flags_file(tmp_path):
     path = training.dump_flags(str(tmp_path / "d"), {"b": 1, "a": "x"})
     with open(path) as f:
         assert json.load(f) == {"a": "x", "b": 1}
+
+
+def test_auto_regressor_levels_fit_every_grid_spacing():
+    for spacing in (1, 2, 4, 8, 16):
+        levels = int(np.log2(spacing)) + 1
+        widths = training.regressor_levels(spacing, "auto", training.AUTO_FILTERS)
+        convs = training.regressor_levels(spacing, "auto", training.AUTO_CONVS_PER_LEVEL)
+        assert len(widths) == levels and len(convs) == levels
+        assert widths[0] == training.AUTO_FILTERS[0] and convs[0] == 1
+        assert all(w == training.AUTO_FILTERS[-1] for w in widths[len(training.AUTO_FILTERS):])
+    assert training.regressor_levels(8, "16,32,48,48", training.AUTO_FILTERS) == [16, 32, 48, 48]
+    assert training.regressor_levels(4, "24", training.AUTO_FILTERS) == 24
+    # The auto widths build a working 28x28 model at spacing 4 (3 levels) and 8 (4 levels).
+    for spacing in (4, 8):
+        config = {"grid_spacing": spacing, "filters": "auto", "convs_per_level": "auto"}
+        model = training.build_dirnet((28, 28), config)
+        assert model.regressor.filters == training.regressor_levels(spacing, "auto", training.AUTO_FILTERS)
