@@ -888,6 +888,41 @@ class Trainer:
         return float(lr.numpy() if hasattr(lr, "numpy") else lr)
 
 
+def run_experiment(run, defaults, errors=()):
+    """Command-line entry of an experiment: defaults, flag parsing, clean errors.
+
+    Applies ``defaults`` to the shared flags, parses the command line with
+    ``absl.app`` and calls ``run(flags_dict())``.  Expected failures (missing
+    or corrupt data, bad flag values, a diverged run, and ``errors``) print
+    ``error: ...`` and exit with status 1 instead of a traceback.
+
+    Parameters
+    ----------
+    run : callable
+        ``config -> anything``.
+    defaults : dict
+        Flag defaults of this experiment (:func:`set_flag_defaults`).
+    errors : tuple of exception types
+        Experiment-specific expected errors.
+    """
+    from absl import app
+
+    expected = (FileNotFoundError, ValueError, TrainingDivergedError) + tuple(errors)
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        try:
+            run(flags_dict())
+        except expected as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 1
+        return 0
+
+    set_flag_defaults(**defaults)
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
 AUTO_FILTERS = (16, 32, 48)
 AUTO_CONVS_PER_LEVEL = (1, 1, 2)
 

@@ -18,10 +18,9 @@ Examples::
 """
 
 import os
-import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from data import mnist as mnist_data
 from dirnet_tf import training
@@ -179,22 +178,9 @@ def run(config):
     return metrics
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    config = training.flags_dict()
-    try:
-        run(config)
-    except (mnist_data.MnistDataError, FileNotFoundError, ValueError, training.TrainingDivergedError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    return 0
-
-
 def entry():
     """Console entry: apply this experiment's defaults, then parse flags and run."""
-    training.set_flag_defaults(**DEFAULTS)
-    app.run(lambda argv: sys.exit(main(argv)))
+    training.run_experiment(run, DEFAULTS, errors=(mnist_data.MnistDataError,))
 
 
 if __name__ == "__main__":
