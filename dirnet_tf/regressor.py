@@ -142,24 +142,9 @@ class Regressor(keras.layers.Layer):
         self.grid_shape = control_grid_shape(self.image_shape, self.grid_spacing)
         self.levels = _log2_spacing(self.grid_spacing)
         depth = max(self.levels)
-        if isinstance(filters, int):
-            filters = [filters] * (depth + 1)
-        filters = [int(f) for f in filters]
-        if len(filters) != depth + 1 or any(f < 1 for f in filters):
-            raise ValueError(
-                f"filters must be a positive int or {depth + 1} positive ints (one per 3x3 "
-                f"convolution for grid_spacing {self.grid_spacing}), got {filters!r}"
-            )
-        self.filters = filters
-        if isinstance(convs_per_level, (int, np.integer)):
-            convs_per_level = [int(convs_per_level)] * (depth + 1)
-        convs_per_level = [int(c) for c in convs_per_level]
-        if len(convs_per_level) != depth + 1 or any(c < 1 for c in convs_per_level):
-            raise ValueError(
-                f"convs_per_level must be a positive int or {depth + 1} positive ints (one per "
-                f"resolution level for grid_spacing {self.grid_spacing}), got {convs_per_level!r}"
-            )
-        self.convs_per_level = convs_per_level
+        self.filters = self._per_level(filters, depth + 1, "filters")
+        self.convs_per_level = self._per_level(convs_per_level, depth + 1, "convs_per_level")
+        filters = self.filters
         if pointwise_filters is None:
             pointwise_filters = [filters[-1]] * 2
         elif isinstance(pointwise_filters, int):
@@ -213,6 +198,18 @@ class Regressor(keras.layers.Layer):
         self._first_level = (
             self._first_level_geometry() if depth and self.convs_per_level[0] == 1 else None
         )
+
+    def _per_level(self, value, levels, name):
+        """One positive int per resolution level, from an int or a sequence."""
+        if isinstance(value, (int, np.integer)):
+            value = [value] * levels
+        value = [int(v) for v in value]
+        if len(value) != levels or any(v < 1 for v in value):
+            raise ValueError(
+                f"{name} must be a positive int or {levels} positive ints (one per resolution "
+                f"level for grid_spacing {self.grid_spacing}), got {value!r}"
+            )
+        return value
 
     def _first_level_geometry(self):
         """Static geometry of the shortcut for the first conv + activation + pool.
