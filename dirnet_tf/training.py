@@ -114,6 +114,10 @@ def define_flags():
     define("enum", "strategy", "default", "tf.distribute strategy: default (one device), mirrored "
            "(all GPUs of this machine) or multi_worker (machines configured by TF_CONFIG).",
            list(STRATEGIES))
+    define("integer", "steps_per_execution", 10, "Optimizer steps per call of the compiled training "
+           "function (a loop inside one tf.function; saves per-step Python overhead).")
+    define("bool", "jit_compile", False, "Compile the training step with XLA (single device; the "
+           "resampler then uses its pure-TF twin inside the compiled step).")
     define("bool", "mixed_precision", False, "mixed_float16 compute in the regressor; the B-spline "
            "field and the resampling stay float32 (meant for GPUs; works but is slow on CPU).")
 
@@ -567,12 +571,24 @@ class Trainer:
         Checkpoints kept.
     print_fn : callable
         Progress output (default ``print`` with flush).
+    steps_per_execution : int
+        Optimizer steps run by one call of the compiled training function (a
+        ``tf.range`` loop inside one ``tf.function``; calls never cross a
+        logging, validation or checkpoint boundary).  Saves the per-step Python
+        and synchronisation overhead; 1 gives the classic one-step loop.
+    jit_compile : bool
+        Compile the per-replica step (forward, loss, backward, optimizer
+        update) with XLA.  Inside XLA the resampler uses its pure-TF twin
+        (:mod:`dirnet_tf.resample_tf`), since custom ops cannot be compiled.
+        Single-replica strategies only (the cross-replica gradient reduction
+        cannot run inside an XLA cluster); ignored with a message otherwise.
     """
 
     def __init__(self, model_fn, loss_fn, sampler, logdir, steps, batch_size, learning_rate=1e-3,
                  lr_schedule="cosine", strategy=None, mixed_precision=False, validation=None,
                  panel_size=8, log_every=100, eval_every=500, checkpoint_every=500, config=None,
-                 resume=True, seed=0, max_to_keep=3, print_fn=None):
+                 resume=True, seed=0, max_to_keep=3, print_fn=None, steps_per_execution=10,
+                 jit_compile=False):
         self.strategy = strategy or tf.distribute.get_strategy()
         self.loss_fn = loss_fn
         self.sampler = sampler
@@ -588,6 +604,14 @@ class Trainer:
         self.print = print_fn or (lambda *a: print(*a, flush=True))
         self.is_chief, self.task_type, self.task_id = worker_info(self.strategy)
         self.mixed_precision = bool(mixed_precision)
+        self.steps_per_execution = int(steps_per_execution)
+        if self.steps_per_execution < 1:
+            raise ValueError(f"steps_per_execution must be >= 1, got {steps_per_execution}")
+        self.jit_compile = bool(jit_compile)
+        if self.jit_compile and self.strategy.num_replicas_in_sync > 1:
+            self.print(f"[train] --jit_compile ignored: the step of a {self.strategy.num_replicas_in_sync}"
+                       "-replica strategy reduces gradients across replicas, which XLA cannot compile here")
+            self.jit_compile = False
         if self.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
         if self.batch_size % self.strategy.num_replicas_in_sync:
@@ -695,7 +719,8 @@ class Trainer:
                 previous = json.load(fh)
         except (OSError, ValueError):
             return
-        ignore = {"steps", "resume", "export_only", "log_every", "eval_every", "checkpoint_every"}
+        ignore = {"steps", "resume", "export_only", "log_every", "eval_every", "checkpoint_every",
+                  "steps_per_execution", "jit_compile"}
         changed = {k: (previous[k], v) for k, v in self.config.items()
                    if k in previous and previous[k] != v and k not in ignore}
         if changed:
@@ -704,6 +729,12 @@ class Trainer:
     # ---------------------------------------------------------------- steps
 
     def _make_train_step(self):
+        """``train_steps(iterator, n) -> (sums, count)``: up to ``n`` optimizer steps.
+
+        ``sums`` holds the per-step means (loss and loss parts) summed over the
+        ``count`` steps run; the loop stops early after the first step whose
+        loss is not finite (``count`` then includes that step).
+        """
         strategy = self.strategy
         model, optimizer, loss_fn = self.model, self.optimizer, self.loss_fn
         global_batch = float(self.batch_size)
@@ -724,12 +755,25 @@ class Trainer:
             sums["loss"] = loss
             return sums
 
-        @tf.function
-        def train_step(iterator):
+        if self.jit_compile:
+            replica_step = tf.function(replica_step, jit_compile=True)
+
+        def one_step(iterator):
             results = strategy.run(replica_step, args=(next(iterator),))
             return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in results.items()}
 
-        return train_step
+        @tf.function
+        def train_steps(iterator, n):
+            sums = one_step(iterator)
+            count = tf.constant(1, tf.int32)
+            for _ in tf.range(1, n):
+                if not tf.math.is_finite(sums["loss"]):
+                    break
+                sums = {k: v + r for (k, v), r in zip(sums.items(), one_step(iterator).values())}
+                count += 1
+            return sums, count
+
+        return train_steps
 
     def _make_eval_step(self):
         model, loss_fn = self.model, self.loss_fn
@@ -835,22 +879,25 @@ class Trainer:
         rate = None
         last = None
         sums, n_sums = {}, 0
-        for step in range(start, self.total_steps):
-            results = self._train_step(iterator)
+        done = start
+        while done < self.total_steps:
+            n = self._steps_until_boundary(done)
+            results, count = self._train_step(iterator, tf.constant(n, tf.int32))
+            count = int(count)
             values = {k: float(v) for k, v in results.items()}
             if not math.isfinite(values["loss"]):
                 good = self.latest_checkpoint()
                 raise TrainingDivergedError(
-                    f"The training loss became {values['loss']} at step {step + 1}; training stopped. "
+                    f"The training loss became {values['loss']} at step {done + count}; training stopped. "
                     f"The last good checkpoint is kept: {good or 'none was written yet'}. "
                     "Try a lower --learning_rate (or fix the input data); rerunning resumes from it."
                 )
-            self.step.assign(step + 1)
-            last = values
+            done += count
+            self.step.assign(done)
+            last = {k: v / count for k, v in values.items()}
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
-            n_sums += 1
-            done = step + 1
+            n_sums += count
             if done % self.log_every == 0 or done == self.total_steps:
                 now = time.perf_counter()
                 rate = (done - step_log) / max(now - t_log, 1e-9)
@@ -880,6 +927,16 @@ class Trainer:
                 "last_loss": last["loss"] if last else None,
                 "steps_per_second": (self.total_steps - start) / max(elapsed, 1e-9),
                 "best_validation_ncc": _finite(self.best_ncc)}
+
+    def _steps_until_boundary(self, done):
+        """Steps of the next call: up to ``steps_per_execution``, never past a logging,
+        validation or checkpoint step, nor past the end."""
+        n = min(self.steps_per_execution, self.total_steps - done)
+        for every in (self.log_every, self.eval_every if self.validation is not None else 0,
+                      self.checkpoint_every):
+            if every > 0:
+                n = min(n, every - done % every)
+        return max(1, n)
 
     def _current_lr(self):
         opt = self.optimizer
@@ -1006,7 +1063,8 @@ def trainer_from_config(config, image_shape, sampler, strategy=None, validation=
         mixed_precision=config["mixed_precision"], validation=validation,
         log_every=config["log_every"], eval_every=config["eval_every"],
         checkpoint_every=config["checkpoint_every"], config=config, resume=config["resume"],
-        seed=config["seed"])
+        seed=config["seed"], steps_per_execution=config.get("steps_per_execution", 10),
+        jit_compile=config.get("jit_compile", False))
 
 
 def train_or_restore(trainer, config):

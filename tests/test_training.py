@@ -32,10 +32,10 @@ def _model():
 def _trainer(logdir, steps, sampler=None, **kw):
     images, groups = _images()
     sampler = sampler or training.same_group_pair_sampler(images, groups, 4, seed=3)
-    kw.setdefault("lr_schedule", "constant")
+    kw = dict(dict(lr_schedule="constant", log_every=2, checkpoint_every=2), **kw)
     return training.Trainer(_model, training.make_registration_loss("ncc"), sampler, str(logdir), steps=steps,
-                            batch_size=4, learning_rate=1e-2, log_every=2, eval_every=0,
-                            checkpoint_every=2, seed=1, print_fn=lambda *a: None, **kw)
+                            batch_size=4, learning_rate=1e-2, eval_every=0, seed=1,
+                            print_fn=lambda *a: None, **kw)
 
 
 def test_same_group_sampler_is_deterministic_per_step():
@@ -124,6 +124,45 @@ def test_resume_continues_the_same_run(tmp_path):
     # --noresume starts again from step 0
     again = _trainer(tmp_path / "b", 2, resume=False)
     assert again.train()["step"] == 2
+
+
+def test_steps_per_execution_and_xla_step_train_the_same_model(tmp_path):
+    """Several steps per tf.function call, and the XLA-compiled step (which swaps the
+    op for its pure-TF twin), follow the one-step-per-call trajectory."""
+    runs = {}
+    for name, kw in {"one": dict(steps_per_execution=1), "five": dict(steps_per_execution=5),
+                     "xla": dict(steps_per_execution=5, jit_compile=True)}.items():
+        trainer = _trainer(tmp_path / name, 7, log_every=100, checkpoint_every=100, **kw)
+        calls = []
+        step_fn = trainer._make_train_step()
+
+        def counting(iterator, n, step_fn=step_fn, calls=calls):
+            calls.append(int(n))
+            return step_fn(iterator, n)
+
+        trainer._train_step = counting
+        summary = trainer.train()
+        assert summary["step"] == 7 and int(trainer.step.numpy()) == 7
+        runs[name] = (_weights(trainer), calls, _dirnet_ops(step_fn))
+    assert runs["one"][1] == [1] * 7
+    assert runs["five"][1] == [5, 2] and runs["xla"][1] == [5, 2]  # never past the end
+    fresh = _weights(_trainer(tmp_path / "fresh", 0))
+    assert max(np.abs(a - b).max() for a, b in zip(fresh, runs["one"][0])) > 1e-3
+    for other in ("five", "xla"):
+        for a, b in zip(runs["one"][0], runs[other][0]):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    # the plain step runs the compiled op; inside XLA the pure-TF twin replaces it
+    assert "Dirnet>Resample" in runs["five"][2] and "Dirnet>ResampleGrad" in runs["five"][2]
+    assert not runs["xla"][2]
+
+
+def _dirnet_ops(fn):
+    found = set()
+    for concrete in fn._list_all_concrete_functions():
+        graph = concrete.graph.as_graph_def()
+        nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+        found.update(n.op for n in nodes if n.op.startswith("Dirnet"))
+    return found
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
