@@ -173,23 +173,30 @@ class Regressor(keras.layers.Layer):
             layers.append(keras.layers.Activation(activation, name=name + "_act", dtype=policy))
             return layers
 
-        self._stack = []
+        stack = []
         for level in range(depth + 1):
             if level == depth:
                 # K - 2 cells -> K: one border cell per side, filled by the 3x3 conv.
-                self._stack.append(zero_pad(padding=1, name="grid_border", dtype=policy))
+                stack.append(zero_pad(padding=1, name="grid_border", dtype=policy))
             # The first convolution gets its zero padding explicitly (see call).
-            self._stack += block(filters[level], 3, f"conv{level}",
+            stack += block(filters[level], 3, f"conv{level}",
                                  padding="valid" if level == 0 else "same")
             for extra in range(1, self.convs_per_level[level]):
-                self._stack += block(filters[level], 3, f"conv{level}_{extra}")
+                stack += block(filters[level], 3, f"conv{level}_{extra}")
             if level < depth:
                 size = tuple(2 if level < p else 1 for p in self.levels)
-                self._stack.append(
+                stack.append(
                     pool(pool_size=size, strides=size, name=f"pool{level}", dtype=policy)
                 )
         for i, width in enumerate(self.pointwise_filters):
-            self._stack += block(width, 1, f"pointwise{i}")
+            stack += block(width, 1, f"pointwise{i}")
+        # Every sublayer is an attribute of its own: tf.train.Checkpoint (used by
+        # the trainer) follows attributes but not Keras-tracked lists, whose
+        # layers would silently be left out of checkpoints.
+        self._stack_names = []
+        for layer in stack:
+            setattr(self, layer.name, layer)
+            self._stack_names.append(layer.name)
         self.output_conv = conv(
             ndim, 1, padding="same", kernel_initializer="zeros", bias_initializer="zeros",
             name="control_points", dtype=output_policy,
@@ -198,6 +205,11 @@ class Regressor(keras.layers.Layer):
         self._first_level = (
             self._first_level_geometry() if depth and self.convs_per_level[0] == 1 else None
         )
+
+    @property
+    def _stack(self):
+        """The hidden layers in call order."""
+        return [getattr(self, name) for name in self._stack_names]
 
     def _per_level(self, value, levels, name):
         """One positive int per resolution level, from an int or a sequence."""

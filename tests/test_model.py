@@ -145,6 +145,27 @@ def test_regressor_convs_per_level_gradients_round_trip(tmp_path):
         layers.Regressor(shape, 8, convs_per_level=0)
 
 
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_tf_checkpoint_holds_every_weight(tmp_path, batch_norm):
+    """tf.train.Checkpoint (the trainer's checkpoints and its best-model copy) must
+    save and restore every variable of the model, not only the directly named layers."""
+    kw = dict(filters=[4, 6, 8], convs_per_level=[1, 2, 2], batch_norm=batch_norm)
+    model = dirnet_tf.DIRNet((16, 16), 4, **kw)
+    rng = np.random.default_rng(3)
+    for v in model.weights:
+        v.assign(rng.normal(0, 0.2, v.shape).astype(np.float32))
+    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    saved = [k for k in tf.train.load_checkpoint(path).get_variable_to_shape_map() if k.startswith("model/")]
+    assert len(saved) == len(model.weights)
+    other = dirnet_tf.DIRNet((16, 16), 4, **kw)
+    tf.train.Checkpoint(model=other).restore(path).assert_existing_objects_matched()
+    for a, b in zip(model.weights, other.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    f, m = _pair((16, 16))
+    np.testing.assert_array_equal(model({"fixed": f, "moving": m})["displacement"].numpy(),
+                                  other({"fixed": f, "moving": m})["displacement"].numpy())
+
+
 def test_regressor_rejects_non_power_of_two_spacing():
     with pytest.raises(ValueError, match=r"powers of two.*\(4, 3\)"):
         layers.Regressor((16, 16), (4, 3))
