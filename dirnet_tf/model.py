@@ -37,6 +37,15 @@ class DIRNet(keras.Model):
         paper's setting).
     folding_weight : float
         Weight of :func:`dirnet_tf.losses.folding_penalty` (default 0).
+    passes : int
+        Regressor passes (default 1, the paper).  With ``passes > 1`` the same
+        regressor (shared weights) looks again at the fixed image and the
+        moving image warped by the current estimate, and its output is added
+        to the control points: ``c <- c + regressor(fixed, warp(moving, c))``.
+        The result is still one cubic B-spline on the same control grid; each
+        pass costs one more regressor evaluation.  The warped image fed to a
+        later pass is treated as a constant in training (the gradient reaches
+        every pass through the control points it adds).
     **kwargs
         Passed to ``keras.Model`` (e.g. ``name``).
 
@@ -73,6 +82,7 @@ class DIRNet(keras.Model):
         similarity="ncc",
         bending_weight=0.0,
         folding_weight=0.0,
+        passes=1,
         **kwargs,
     ):
         kwargs.setdefault("name", "dirnet")
@@ -90,6 +100,9 @@ class DIRNet(keras.Model):
         self.similarity = similarity
         self.bending_weight = float(bending_weight)
         self.folding_weight = float(folding_weight)
+        self.passes = int(passes)
+        if self.passes < 1:
+            raise ValueError(f"passes must be >= 1, got {passes!r}")
         self.regressor = Regressor(
             self.image_shape,
             self.grid_spacing,
@@ -165,6 +178,12 @@ class DIRNet(keras.Model):
         control_points = self.regressor(pair, training=training)
         displacement = self.transformer(control_points)
         warped = self.resampler(moving, displacement)
+        for _ in range(self.passes - 1):
+            pair = tf.concat([fixed, tf.stop_gradient(warped)], axis=-1)
+            update = self.regressor(pair, training=training)
+            control_points = control_points + tf.cast(update, control_points.dtype)
+            displacement = self.transformer(control_points)
+            warped = self.resampler(moving, displacement)
         return {
             "warped": warped,
             "displacement": displacement,
@@ -241,6 +260,7 @@ class DIRNet(keras.Model):
             "similarity": similarity,
             "bending_weight": self.bending_weight,
             "folding_weight": self.folding_weight,
+            "passes": self.passes,
         }
 
     @classmethod

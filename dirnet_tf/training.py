@@ -100,6 +100,8 @@ def define_flags():
            "one int, a comma list with one per level (log2(grid_spacing) + 1 of them), or 'auto' "
            "(1, 1, then 2 at every coarser level).")
     define("bool", "batch_norm", False, "Batch normalisation in the regressor.")
+    define("integer", "passes", 1, "Regressor passes: each later pass adds a control-point update "
+           "predicted from the fixed image and the current warped image (shared weights).")
     define("enum", "similarity", "ncc", "Similarity loss.", list(SIMILARITIES))
     define("float", "bending_weight", 0.0, "Weight of the B-spline bending energy (0 = paper).")
     define("float", "folding_weight", 0.0, "Weight of the Jacobian folding penalty (0 = paper).")
@@ -1031,7 +1033,8 @@ def build_dirnet(image_shape, config, channels=1, boundary="border"):
                    convs_per_level=regressor_levels(config["grid_spacing"],
                                                     config.get("convs_per_level", "1"),
                                                     AUTO_CONVS_PER_LEVEL),
-                   batch_norm=bool(config.get("batch_norm", False)))
+                   batch_norm=bool(config.get("batch_norm", False)),
+                   passes=int(config.get("passes", 1)))
     if config.get("mixed_precision"):
         keep_float32(model)
     return model

@@ -206,6 +206,40 @@ def test_identity_at_init_and_contract():
                                    atol=1e-5)
 
 
+@pytest.mark.parametrize("passes", [2, 3])
+def test_refinement_passes_add_control_point_updates(passes):
+    """passes > 1: c <- c + regressor(fixed, warp(moving, c)), one B-spline in the end."""
+    shape = (16, 16)
+    fixed, moving = _pair(shape, seed=4)
+    model = dirnet_tf.DIRNet(shape, 4, filters=6, passes=passes)
+    _randomize_output_layer(model, scale=0.2)
+    out = model({"fixed": fixed, "moving": moving})
+    grid = dirnet_tf.identity_grid(shape)
+    cps = model.regressor(np.concatenate([fixed, moving], -1)).numpy()
+    for _ in range(passes - 1):  # explicit reference, step by step
+        disp = dirnet_tf.bspline_displacement(cps, shape, 4).numpy()
+        warped = dirnet_tf.resample(moving, grid + disp, boundary="border").numpy()
+        cps = cps + model.regressor(np.concatenate([fixed, warped], -1)).numpy()
+    disp = dirnet_tf.bspline_displacement(cps, shape, 4).numpy()
+    np.testing.assert_allclose(out["control_points"].numpy(), cps, atol=1e-5)
+    np.testing.assert_allclose(out["displacement"].numpy(), disp, atol=1e-5)
+    np.testing.assert_allclose(out["warped"].numpy(),
+                               dirnet_tf.resample(moving, grid + disp, boundary="border").numpy(), atol=1e-5)
+    single = dirnet_tf.DIRNet(shape, 4, filters=6)
+    single.set_weights(model.get_weights())
+    first = single({"fixed": fixed, "moving": moving})["control_points"].numpy()
+    assert np.abs(first - cps).max() > 1e-3  # the later passes changed the result
+    # every pass shares the regressor's weights, and all of them are trained
+    with tf.GradientTape() as tape:
+        loss = model.registration_loss(fixed, model({"fixed": fixed, "moving": moving}, training=True))
+    grads = tape.gradient(loss, model.trainable_weights)
+    assert len(model.trainable_weights) == len(single.trainable_weights)
+    assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
+    assert dirnet_tf.DIRNet.from_config(model.get_config()).passes == passes
+    with pytest.raises(ValueError, match="passes"):
+        dirnet_tf.DIRNet(shape, 4, passes=0)
+
+
 def _grads(model, fixed, moving):
     with tf.GradientTape() as tape:
         out = model({"fixed": fixed, "moving": moving}, training=True)
