@@ -93,15 +93,19 @@ def define_flags():
     define("integer", "grid_spacing", 8, "B-spline control-point spacing in pixels (a power of two).")
     define("string", "filters", "32", "Width of the regressor's 3x3 convolutions: one int, a comma "
            "list with one per resolution level (log2(grid_spacing) + 1 of them), or 'auto' "
-           "(16, 32, then 48 at every coarser level).")
+           "(8, 16, then 32 at every coarser level).")
     define("string", "pointwise_filters", "", "Widths of the regressor's hidden 1x1 convolutions, a comma "
            "list (empty: the regressor's default, two of the last 3x3 width).")
     define("string", "convs_per_level", "1", "3x3 convolutions per resolution level of the regressor: "
            "one int, a comma list with one per level (log2(grid_spacing) + 1 of them), or 'auto' "
-           "(1, 1, then 2 at every coarser level).")
+           "(1 per level, 2 at the coarsest).")
     define("bool", "batch_norm", False, "Batch normalisation in the regressor.")
-    define("integer", "passes", 1, "Regressor passes: each later pass adds a control-point update "
-           "predicted from the fixed image and the current warped image (shared weights).")
+    define("integer", "passes", 1, "Regressor passes in training: each later pass adds a "
+           "control-point update predicted from the fixed image and the current warped image "
+           "(shared weights).")
+    define("integer", "inference_passes", 0, "Regressor passes of the exported and evaluated "
+           "model (0: the same as --passes). A model trained with passes >= 2 keeps improving "
+           "with a pass or two more at inference.")
     define("enum", "similarity", "ncc", "Similarity loss.", list(SIMILARITIES))
     define("float", "bending_weight", 0.0, "Weight of the B-spline bending energy (0 = paper).")
     define("float", "folding_weight", 0.0, "Weight of the Jacobian folding penalty (0 = paper).")
@@ -982,8 +986,13 @@ def run_experiment(run, defaults, errors=()):
     app.run(lambda argv: sys.exit(main(argv)))
 
 
-AUTO_FILTERS = (16, 32, 48)
-AUTO_CONVS_PER_LEVEL = (1, 1, 2)
+AUTO_FILTERS = (8, 16, 32)
+
+
+def AUTO_CONVS_PER_LEVEL(levels):
+    """The ``"auto"`` convolution counts: one per level, two at the coarsest."""
+    return [1] * (levels - 1) + [2]
+
 
 
 def regressor_levels(grid_spacing, value, auto):
@@ -995,9 +1004,10 @@ def regressor_levels(grid_spacing, value, auto):
         Control-point spacing (a power of two): ``log2(s) + 1`` resolution levels.
     value : str or int
         ``"auto"``, one int, or a comma list of ints (see :func:`parse_int_list`).
-    auto : sequence of int
-        The ``"auto"`` rule: its entries for the finest levels, its last entry
-        repeated for every coarser level.
+    auto : sequence of int or callable
+        The ``"auto"`` rule: a sequence gives the finest levels, its last entry
+        repeated for every coarser level; a callable maps the number of levels
+        to the list.
 
     Returns
     -------
@@ -1006,6 +1016,8 @@ def regressor_levels(grid_spacing, value, auto):
     if str(value).strip().lower() != "auto":
         return parse_int_list(value)
     levels = int(round(math.log2(max(1, int(grid_spacing))))) + 1
+    if callable(auto):
+        return list(auto(levels))
     return [auto[min(level, len(auto) - 1)] for level in range(levels)]
 
 
@@ -1075,6 +1087,8 @@ def train_or_restore(trainer, config):
 
     With ``select_best`` the chief loads the best validation checkpoint (other
     workers do not export, so they skip it rather than race the chief's writes).
+    A nonzero ``inference_passes`` then sets the model's regressor passes for
+    export and evaluation.
 
     Parameters
     ----------
@@ -1101,6 +1115,11 @@ def train_or_restore(trainer, config):
         best = trainer.restore_best()
         if best:
             trainer.print(f"[select] using the best validation checkpoint {best}")
+    passes = int(config.get("inference_passes") or 0)
+    if passes and passes != trainer.model.passes:
+        trainer.print(f"[select] exporting and evaluating with {passes} regressor passes "
+                      f"(trained with {trainer.model.passes})")
+        trainer.model.passes = passes
     return summary, train_seconds
 
 

@@ -40,10 +40,10 @@ training.define_flag("bool", "export", True, "Write the SavedModel after trainin
 
 FLAGS = flags.FLAGS
 IMAGE_SHAPE = (28, 28)
-DEFAULTS = dict(steps=10000, batch_size=32, learning_rate=5e-3, lr_schedule="cosine", grid_spacing=8,
-                filters="auto", convs_per_level="auto", logdir=os.path.join("runs", "mnist"),
-                export_dir=os.path.join("exports", "mnist"), log_every=100, eval_every=500,
-                checkpoint_every=500, folding_weight=1.0)
+DEFAULTS = dict(steps=16000, batch_size=32, learning_rate=5e-3, lr_schedule="cosine", grid_spacing=8,
+                filters="auto", convs_per_level="auto", passes=2, inference_passes=3, jit_compile=True,
+                logdir=os.path.join("runs", "mnist"), export_dir=os.path.join("exports", "mnist"),
+                log_every=100, eval_every=1000, checkpoint_every=500, folding_weight=1.0)
 
 
 def evaluate(fn, fixed, moving, digits, batch_size=256):
@@ -146,7 +146,7 @@ def run(config):
     if not trainer.is_chief or not (config["export"] or config["export_only"]):
         return summary
     metadata = {"image_shape": list(IMAGE_SHAPE), "channels": 1, "grid_spacing": config["grid_spacing"],
-                "boundary": trainer.model.boundary, "digits": list(digits), "flags": config,
+                "boundary": trainer.model.boundary, "passes": trainer.model.passes, "digits": list(digits), "flags": config,
                 "dirnet_tf_version": dirnet_tf.__version__}
     export_dir = training.export_saved_model(trainer.model, config["export_dir"], IMAGE_SHAPE, 1, metadata)
     print(f"[export] SavedModel written to {export_dir}", flush=True)
