@@ -43,9 +43,10 @@ class DIRNet(keras.Model):
         moving image warped by the current estimate, and its output is added
         to the control points: ``c <- c + regressor(fixed, warp(moving, c))``.
         The result is still one cubic B-spline on the same control grid; each
-        pass costs one more regressor evaluation.  The warped image fed to a
-        later pass is treated as a constant in training (the gradient reaches
-        every pass through the control points it adds).
+        pass costs one more regressor evaluation.  Training is end to end: the
+        gradient also flows through the warped image that a later pass sees
+        into the earlier passes (on MNIST this trained markedly better than
+        treating that image as a constant).
     **kwargs
         Passed to ``keras.Model`` (e.g. ``name``).
 
@@ -179,7 +180,7 @@ class DIRNet(keras.Model):
         displacement = self.transformer(control_points)
         warped = self.resampler(moving, displacement)
         for _ in range(self.passes - 1):
-            pair = tf.concat([fixed, tf.stop_gradient(warped)], axis=-1)
+            pair = tf.concat([fixed, warped], axis=-1)
             update = self.regressor(pair, training=training)
             control_points = control_points + tf.cast(update, control_points.dtype)
             displacement = self.transformer(control_points)

@@ -40,7 +40,7 @@ training.define_flag("bool", "export", True, "Write the SavedModel after trainin
 
 FLAGS = flags.FLAGS
 IMAGE_SHAPE = (28, 28)
-DEFAULTS = dict(steps=16000, batch_size=32, learning_rate=5e-3, lr_schedule="cosine", grid_spacing=8,
+DEFAULTS = dict(steps=19000, batch_size=32, learning_rate=5e-3, lr_schedule="cosine", grid_spacing=8,
                 filters="auto", convs_per_level="auto", passes=2, inference_passes=3, jit_compile=True,
                 logdir=os.path.join("runs", "mnist"), export_dir=os.path.join("exports", "mnist"),
                 log_every=100, eval_every=1000, checkpoint_every=500, folding_weight=1.0)
