@@ -16,6 +16,10 @@ and w.r.t. coords only -- what DIRNet training needs) of
 * ``tf-gather-xla``-- the same with ``jit_compile=True`` (strongest pure-TF path),
 * ``keras-mapcoord`` -- ``keras.ops.image.map_coordinates(order=1)`` per item and
   channel (it has no batch axis),
+* ``tf-null``      -- no resampling at all: ``image + 0 * coords[..., :1]`` (same
+  shapes, trivially cheap) in the same ``tf.function`` calls with the same loss and
+  gradient ops; its time is TensorFlow's own per-call cost, which every TF row pays,
+  (on this CPU it dominates the 28x28 case),
 * ``torch-grid_sample`` -- ``torch.nn.functional.grid_sample`` (bilinear /
   trilinear, zeros padding, align_corners=True), when PyTorch is installed,
 
@@ -182,6 +186,12 @@ def eager_callables(fn, image, coords, weights):
     return {"forward": lambda: fn(image, coords), "fwd+bwd": both, "fwd+bwd coords": coords_only}
 
 
+def null_resample(image, coords):
+    """Stand-in with the output shape of the benchmark cases and no sampling work
+    (the output grid equals the image grid there)."""
+    return image + 0.0 * coords[..., :1]
+
+
 def torch_callables(image, coords, weights):
     """grid_sample with the same samples: channels first, normalised xy(z) order."""
     import torch
@@ -238,6 +248,7 @@ def build_methods(case, skip, loop):
                                                        loop),
         "keras-mapcoord": lambda: tf_callables(keras_map_coordinates, False, image, coords,
                                                weights),
+        "tf-null": lambda: tf_callables(null_resample, False, image, coords, weights),
     }
     if torch_available():
         methods["torch-grid_sample"] = lambda: torch_callables(image, coords, weights)

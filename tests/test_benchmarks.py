@@ -1,5 +1,6 @@
 """The benchmark scripts' building blocks (not timings): the pure-TF resampler layer they
-compare against, a tiny training-throughput run, the registration scoring and target logic."""
+compare against, tiny resampler and training-throughput runs, the registration scoring and
+target logic."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from scipy import ndimage
 
 from dirnet_tf.layers import Resampler
 from experiments import bench_registration as br
+from experiments import bench_resample as bres
 from experiments import bench_training as bt
 
 
@@ -47,6 +49,22 @@ def test_parse_case():
     for bad in ("4d:2", "2d", "2d:x", "2d:0", "2d:2:16:1"):
         with pytest.raises(ValueError, match="2d:BATCH"):
             bt.parse_case(bad)
+
+
+def test_tiny_resampler_benchmark_run(tmp_path):
+    import json
+
+    # The methods compute the same thing: the null stand-in keeps the output shape.
+    image, coords, _ = bres.make_inputs(2, (6, 7))
+    assert bres.null_resample(tf.constant(image), tf.constant(coords)).shape == (2, 6, 7, 1)
+    out = tmp_path / "b.json"
+    bres.main(["--cases=2d-28", "--rounds=2", "--target_ms=1", "--loop=2", f"--json={out}",
+               "--skip=keras-mapcoord,tf-gather,tf-gather-xla,tf-gather-xla-loop,torch-grid_sample"])
+    results = json.loads(out.read_text())["results"]["2d-28"]
+    assert set(results) == {"op", "op-loop", "op-eager", "tf-null"}
+    for method in results.values():
+        for mode in bres.MODES:
+            assert len(method[mode]["samples_ms"]) == 2 and method[mode]["median_ms"] > 0
 
 
 def test_tiny_training_throughput_run():
