@@ -17,9 +17,9 @@ and w.r.t. coords only -- what DIRNet training needs) of
 * ``keras-mapcoord`` -- ``keras.ops.image.map_coordinates(order=1)`` per item and
   channel (it has no batch axis),
 * ``tf-null``      -- no resampling at all: ``image + 0 * coords[..., :1]`` (same
-  shapes, trivially cheap) in the same ``tf.function`` calls with the same loss and
-  gradient ops; its time is TensorFlow's own per-call cost, which every TF row pays,
-  (on this CPU it dominates the 28x28 case),
+  shapes, elementwise) in the same ``tf.function`` calls with the same loss and
+  gradient ops; its forward time is TensorFlow's own per-call cost plus one
+  elementwise op, which every TF row pays (on this CPU it dominates the 28x28 case),
 * ``torch-grid_sample`` -- ``torch.nn.functional.grid_sample`` (bilinear /
   trilinear, zeros padding, align_corners=True), when PyTorch is installed,
 
