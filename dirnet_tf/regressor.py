@@ -180,7 +180,7 @@ class Regressor(keras.layers.Layer):
                 stack.append(zero_pad(padding=1, name="grid_border", dtype=policy))
             # The first convolution gets its zero padding explicitly (see call).
             stack += block(filters[level], 3, f"conv{level}",
-                                 padding="valid" if level == 0 else "same")
+                           padding="valid" if level == 0 else "same")
             for extra in range(1, self.convs_per_level[level]):
                 stack += block(filters[level], 3, f"conv{level}_{extra}")
             if level < depth:

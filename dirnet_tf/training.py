@@ -989,10 +989,9 @@ def run_experiment(run, defaults, errors=()):
 AUTO_FILTERS = (8, 16, 32)
 
 
-def AUTO_CONVS_PER_LEVEL(levels):
+def auto_convs_per_level(levels):
     """The ``"auto"`` convolution counts: one per level, two at the coarsest."""
     return [1] * (levels - 1) + [2]
-
 
 
 def regressor_levels(grid_spacing, value, auto):
@@ -1044,7 +1043,7 @@ def build_dirnet(image_shape, config, channels=1, boundary="border"):
                    pointwise_filters=parse_int_list(config.get("pointwise_filters", "")),
                    convs_per_level=regressor_levels(config["grid_spacing"],
                                                     config.get("convs_per_level", "1"),
-                                                    AUTO_CONVS_PER_LEVEL),
+                                                    auto_convs_per_level),
                    batch_norm=bool(config.get("batch_norm", False)),
                    passes=int(config.get("passes", 1)))
     if config.get("mixed_precision"):

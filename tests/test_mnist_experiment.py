@@ -1,7 +1,6 @@
 """End to end: ``python -m experiments.mnist`` trains, logs, checkpoints, resumes, evaluates
 and exports; the SavedModel reloads in a fresh process and matches an independent warp."""
 
-import glob
 import json
 import os
 import subprocess

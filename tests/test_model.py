@@ -52,7 +52,6 @@ def test_regressor_cells_are_centred_on_their_control_points(shape, spacing, con
     # the mean of the input over the cell of k: an impulse at the pixel of
     # control point k, (k - 1) * s, must show up at index k and nowhere else.
     # Extra 3x3 convolutions per level (convs_per_level) keep this geometry.
-    ndim = len(shape)
     reg = layers.Regressor(shape, spacing, filters=2, pointwise_filters=[2], convs_per_level=convs)
     expected = [convs] * len(reg.filters) if isinstance(convs, int) else convs
     kernels = [layer for layer in reg._stack if hasattr(layer, "kernel_size") and layer.kernel_size[0] == 3]
