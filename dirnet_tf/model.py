@@ -175,14 +175,13 @@ class DIRNet(keras.Model):
 
     def call(self, inputs, training=None):
         fixed, moving = self._unpack(inputs)
-        pair = tf.concat([fixed, moving], axis=-1)  # cast to the regressor's dtype by Keras
-        control_points = self.regressor(pair, training=training)
-        displacement = self.transformer(control_points)
-        warped = self.resampler(moving, displacement)
-        for _ in range(self.passes - 1):
-            pair = tf.concat([fixed, warped], axis=-1)
+        # Pass 1 sees the moving image; every later pass the current warped one.
+        control_points, warped = None, moving
+        for _ in range(self.passes):
+            pair = tf.concat([fixed, warped], axis=-1)  # cast to the regressor's dtype by Keras
             update = self.regressor(pair, training=training)
-            control_points = control_points + tf.cast(update, control_points.dtype)
+            control_points = update if control_points is None else (
+                control_points + tf.cast(update, control_points.dtype))
             displacement = self.transformer(control_points)
             warped = self.resampler(moving, displacement)
         return {

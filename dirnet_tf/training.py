@@ -989,6 +989,12 @@ def run_experiment(run, defaults, errors=()):
 AUTO_FILTERS = (8, 16, 32)
 
 
+def auto_filters(levels):
+    """The ``"auto"`` widths: ``AUTO_FILTERS`` for the finest levels, its last
+    entry repeated for every coarser level."""
+    return [AUTO_FILTERS[min(level, len(AUTO_FILTERS) - 1)] for level in range(levels)]
+
+
 def auto_convs_per_level(levels):
     """The ``"auto"`` convolution counts: one per level, two at the coarsest."""
     return [1] * (levels - 1) + [2]
@@ -1003,10 +1009,9 @@ def regressor_levels(grid_spacing, value, auto):
         Control-point spacing (a power of two): ``log2(s) + 1`` resolution levels.
     value : str or int
         ``"auto"``, one int, or a comma list of ints (see :func:`parse_int_list`).
-    auto : sequence of int or callable
-        The ``"auto"`` rule: a sequence gives the finest levels, its last entry
-        repeated for every coarser level; a callable maps the number of levels
-        to the list.
+    auto : callable
+        The ``"auto"`` rule: number of levels -> list (:func:`auto_filters`,
+        :func:`auto_convs_per_level`).
 
     Returns
     -------
@@ -1015,9 +1020,7 @@ def regressor_levels(grid_spacing, value, auto):
     if str(value).strip().lower() != "auto":
         return parse_int_list(value)
     levels = int(round(math.log2(max(1, int(grid_spacing))))) + 1
-    if callable(auto):
-        return list(auto(levels))
-    return [auto[min(level, len(auto) - 1)] for level in range(levels)]
+    return list(auto(levels))
 
 
 def build_dirnet(image_shape, config, channels=1, boundary="border"):
@@ -1039,7 +1042,7 @@ def build_dirnet(image_shape, config, channels=1, boundary="border"):
     from dirnet_tf.model import DIRNet
 
     model = DIRNet(tuple(image_shape), config["grid_spacing"], boundary=boundary, channels=channels,
-                   filters=regressor_levels(config["grid_spacing"], config["filters"], AUTO_FILTERS),
+                   filters=regressor_levels(config["grid_spacing"], config["filters"], auto_filters),
                    pointwise_filters=parse_int_list(config.get("pointwise_filters", "")),
                    convs_per_level=regressor_levels(config["grid_spacing"],
                                                     config.get("convs_per_level", "1"),

@@ -247,16 +247,16 @@ def test_parse_int_list_and_flags_file(tmp_path):
 def test_auto_regressor_levels_fit_every_grid_spacing():
     for spacing in (1, 2, 4, 8, 16):
         levels = int(np.log2(spacing)) + 1
-        widths = training.regressor_levels(spacing, "auto", training.AUTO_FILTERS)
+        widths = training.regressor_levels(spacing, "auto", training.auto_filters)
         convs = training.regressor_levels(spacing, "auto", training.auto_convs_per_level)
         assert len(widths) == levels and len(convs) == levels
         assert widths[0] == training.AUTO_FILTERS[0] and convs[-1] == 2 and set(convs[:-1]) <= {1}
         assert all(w == training.AUTO_FILTERS[-1] for w in widths[len(training.AUTO_FILTERS):])
-    assert training.regressor_levels(8, "16,32,48,48", training.AUTO_FILTERS) == [16, 32, 48, 48]
+    assert training.regressor_levels(8, "16,32,48,48", training.auto_filters) == [16, 32, 48, 48]
     assert training.regressor_levels(8, "auto", training.auto_convs_per_level) == [1, 1, 1, 2]
-    assert training.regressor_levels(4, "24", training.AUTO_FILTERS) == 24
+    assert training.regressor_levels(4, "24", training.auto_filters) == 24
     # The auto widths build a working 28x28 model at spacing 4 (3 levels) and 8 (4 levels).
     for spacing in (4, 8):
         config = {"grid_spacing": spacing, "filters": "auto", "convs_per_level": "auto"}
         model = training.build_dirnet((28, 28), config)
-        assert model.regressor.filters == training.regressor_levels(spacing, "auto", training.AUTO_FILTERS)
+        assert model.regressor.filters == training.regressor_levels(spacing, "auto", training.auto_filters)
