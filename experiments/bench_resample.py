@@ -99,33 +99,38 @@ def keras_map_coordinates(image, coords, boundary="zeros"):
     return tf.stack(outs, 0)
 
 
-def tf_callables(fn, jit_compile, image, coords, weights):
-    """Forward, forward+backward (both) and (coords only) as tf.functions."""
-    image, coords, weights = (tf.constant(x) for x in (image, coords, weights))
+def computations(fn, weights):
+    """The three timed computations as functions of ``(image, coords)``: the
+    output, the gradients of ``sum(output * weights)`` with respect to both
+    inputs, and with respect to the coordinates only."""
 
-    @tf.function(jit_compile=jit_compile)
     def forward(i, c):
         return fn(i, c)
 
-    @tf.function(jit_compile=jit_compile)
     def both(i, c):
         with tf.GradientTape() as tape:
             tape.watch([i, c])
             loss = tf.reduce_sum(fn(i, c) * weights)
         return tape.gradient(loss, [i, c])
 
-    @tf.function(jit_compile=jit_compile)
     def coords_only(i, c):
         with tf.GradientTape() as tape:
             tape.watch(c)
             loss = tf.reduce_sum(fn(i, c) * weights)
         return tape.gradient(loss, c)
 
-    return {
-        "forward": lambda: forward(image, coords),
-        "fwd+bwd": lambda: both(image, coords),
-        "fwd+bwd coords": lambda: coords_only(image, coords),
-    }
+    return {"forward": forward, "fwd+bwd": both, "fwd+bwd coords": coords_only}
+
+
+def _constants(image, coords, weights):
+    return tuple(tf.constant(x) for x in (image, coords, weights))
+
+
+def tf_callables(fn, jit_compile, image, coords, weights):
+    """Forward, forward+backward (both) and (coords only) as tf.functions."""
+    image, coords, weights = _constants(image, coords, weights)
+    return {mode: (lambda f=tf.function(g, jit_compile=jit_compile): f(image, coords))
+            for mode, g in computations(fn, weights).items()}
 
 
 def looped_callables(fn, jit_compile, image, coords, weights, repeats):
@@ -133,13 +138,19 @@ def looped_callables(fn, jit_compile, image, coords, weights, repeats):
 
     Each iteration shifts the coordinates by a negligible amount that depends on
     the previous iteration's result, so the loop body cannot be hoisted or
-    merged, and reduces its whole result (output or gradients) so that XLA
-    cannot skip any of it; :func:`run_case` divides the measured time by
-    ``repeats``.
+    merged, and reduces its whole result (output times the weights, or
+    gradients) so that XLA cannot skip any of it; :func:`run_case` divides the
+    measured time by ``repeats``.
     """
-    image, coords, weights = (tf.constant(x) for x in (image, coords, weights))
+    image, coords, weights = _constants(image, coords, weights)
 
-    def loop(step):
+    def loop(mode, compute):
+        def step(i, c):
+            out = compute(i, c)
+            if mode == "forward":
+                out = out * weights
+            return tf.add_n([tf.reduce_sum(x) for x in tf.nest.flatten(out)])
+
         @tf.function(jit_compile=jit_compile)
         def run(i, c):
             carry = tf.zeros((), c.dtype)
@@ -148,42 +159,13 @@ def looped_callables(fn, jit_compile, image, coords, weights, repeats):
             return carry
         return lambda: run(image, coords)
 
-    def forward(i, c):
-        return tf.reduce_sum(fn(i, c) * weights)
-
-    def both(i, c):
-        with tf.GradientTape() as tape:
-            tape.watch([i, c])
-            loss = tf.reduce_sum(fn(i, c) * weights)
-        gi, gc = tape.gradient(loss, [i, c])
-        return tf.reduce_sum(gi) + tf.reduce_sum(gc)
-
-    def coords_only(i, c):
-        with tf.GradientTape() as tape:
-            tape.watch(c)
-            loss = tf.reduce_sum(fn(i, c) * weights)
-        return tf.reduce_sum(tape.gradient(loss, c))
-
-    return {"forward": loop(forward), "fwd+bwd": loop(both), "fwd+bwd coords": loop(coords_only)}
+    return {mode: loop(mode, g) for mode, g in computations(fn, weights).items()}
 
 
 def eager_callables(fn, image, coords, weights):
     """The same three computations run eagerly (no tf.function call overhead)."""
-    image, coords, weights = (tf.constant(x) for x in (image, coords, weights))
-
-    def both():
-        with tf.GradientTape() as tape:
-            tape.watch([image, coords])
-            loss = tf.reduce_sum(fn(image, coords) * weights)
-        return tape.gradient(loss, [image, coords])
-
-    def coords_only():
-        with tf.GradientTape() as tape:
-            tape.watch(coords)
-            loss = tf.reduce_sum(fn(image, coords) * weights)
-        return tape.gradient(loss, coords)
-
-    return {"forward": lambda: fn(image, coords), "fwd+bwd": both, "fwd+bwd coords": coords_only}
+    image, coords, weights = _constants(image, coords, weights)
+    return {mode: (lambda g=g: g(image, coords)) for mode, g in computations(fn, weights).items()}
 
 
 def null_resample(image, coords):
