@@ -5,7 +5,7 @@ saves: 100 same-digit test pairs per digit, seed 0):
 
 * ``DIRNet gs=8`` / ``DIRNet gs=4`` -- SavedModels exported by ``experiments.mnist``
   with ``--grid_spacing=8`` / ``4`` (given with ``--model_gs8`` / ``--model_gs4``;
-  otherwise trained here with the MNIST experiment's defaults into
+  otherwise trained here with the MNIST experiment's defaults and :data:`TRAIN_FLAGS` into
   ``runs/bench/mnist_gs{8,4}`` and exported to ``exports/bench/mnist_gs{8,4}``,
   or reused from there when such an export exists);
 * ``elastix gs=8`` / ``elastix gs=4`` -- :mod:`experiments.elastix_baseline` with the
@@ -45,13 +45,23 @@ import numpy as np
 
 GRID_SPACINGS = (8, 4)
 
+# Flags (beyond the MNIST experiment's defaults) of the DIRNet models this benchmark trains
+# when no export is given. gs=8: the default model, exported with 2 regressor passes (the
+# passes it was trained with; a third, untrained pass gains NCC but doubles folding). gs=4:
+# a regressor twice as wide at full and half resolution, trained with 3 passes and exported
+# with 4.
+TRAIN_FLAGS = {
+    8: ("--inference_passes=2",),
+    4: ("--filters=16,32,32", "--passes=3", "--inference_passes=4"),
+}
+
 
 def _log(msg):
     print(f"[bench_registration] {msg}", flush=True)
 
 
-def export_grid_spacing(export_dir):
-    """Grid spacing recorded in an export's ``assets/dirnet.json`` (or ``None``).
+def export_info(export_dir):
+    """The ``assets/dirnet.json`` metadata of an export (``{}`` if it has none).
 
     Parameters
     ----------
@@ -60,9 +70,21 @@ def export_grid_spacing(export_dir):
     """
     try:
         with open(os.path.join(export_dir, "assets", "dirnet.json")) as f:
-            gs = json.load(f).get("grid_spacing")
+            info = json.load(f)
     except (OSError, ValueError):
-        return None
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def export_grid_spacing(export_dir):
+    """Grid spacing recorded in an export's metadata (``None`` if absent or not isotropic).
+
+    Parameters
+    ----------
+    export_dir : str
+        A SavedModel directory written by :func:`dirnet_tf.training.export_saved_model`.
+    """
+    gs = export_info(export_dir).get("grid_spacing")
     if isinstance(gs, (list, tuple)):
         gs = gs[0] if len(set(gs)) == 1 else None
     return None if gs is None else int(gs)
@@ -112,7 +134,7 @@ def ensure_model(grid_spacing, given, root="runs/bench", exports="exports/bench"
         _log(f"reusing {export_dir}")
         return export_dir, logdir
     cmd = [sys.executable, "-m", "experiments.mnist", f"--grid_spacing={grid_spacing}",
-           f"--logdir={logdir}", f"--export_dir={export_dir}"]
+           *TRAIN_FLAGS.get(grid_spacing, ()), f"--logdir={logdir}", f"--export_dir={export_dir}"]
     if steps:
         cmd.append(f"--steps={steps}")
     _log("training: " + " ".join(cmd[1:]))
@@ -312,6 +334,8 @@ def format_table(rows, before):
              "|---|---|---|---|---|---|",
              f"| before registration | {before['ncc']:.4f} | {before['dice']:.4f} | - | - | - |"]
     for name, r in rows.items():
+        if r.get("passes"):
+            name += f" ({r['passes']} pass{'es' if r['passes'] > 1 else ''})"
         t = f"{r['ms_per_pair']:.3f}" if r["ms_per_pair"] < 10 else f"{r['ms_per_pair']:.1f}"
         if "ms_per_pair_batch1" in r:
             t += f" (batch {r['timing_batch_size']}; {r['ms_per_pair_batch1']:.2f} at batch 1)"
@@ -426,7 +450,8 @@ def main(argv=None):
         pred, timing = run_dirnet(models[gs], pairs, args.batch_size, args.repeats)
         summary, scores = quality(pairs["fixed"], pairs["moving"], pred["warped"], pred["displacement"],
                                   pairs["digits"])
-        rows[f"DIRNet gs={gs}"] = dict(summary, **timing, pairs=n, model=models[gs])
+        rows[f"DIRNet gs={gs}"] = dict(summary, **timing, pairs=n, model=models[gs],
+                                       passes=export_info(models[gs]).get("passes"))
         per_pair[f"DIRNet gs={gs}"] = scores
         _log(f"  NCC {summary['ncc']:.4f}  Dice {summary['dice']:.4f}  folding "
              f"{100 * summary['folding_fraction']:.3f}%  {timing['ms_per_pair']:.3f} ms/pair")

@@ -105,3 +105,47 @@ def test_quality_scores_and_targets():
     assert t["8"]["speedup"] == pytest.approx(160) and t["8"]["faster_100x"]
     assert t["8"]["ncc_within_0.01"] and t["8"]["less_folding"]
     assert not t["4"]["faster_100x"] and not t["4"]["ncc_within_0.01"] and not t["4"]["less_folding"]
+
+
+def test_benchmark_trains_missing_models_with_valid_experiment_flags(tmp_path, monkeypatch):
+    import copy
+
+    from absl import flags
+
+    import experiments.mnist  # noqa: F401  (defines the experiment's flags)
+
+    calls = []
+    monkeypatch.setattr(br.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    for gs in br.GRID_SPACINGS:
+        export_dir, logdir = br.ensure_model(gs, None, root=str(tmp_path / "runs"),
+                                             exports=str(tmp_path / "exports"), steps=7)
+        assert export_dir == str(tmp_path / "exports" / f"mnist_gs{gs}")
+        assert logdir == str(tmp_path / "runs" / f"mnist_gs{gs}")
+    assert len(calls) == len(br.GRID_SPACINGS)
+    for gs, cmd in zip(br.GRID_SPACINGS, calls):
+        assert cmd[1:3] == ["-m", "experiments.mnist"]
+        parsed = copy.deepcopy(flags.FLAGS)  # the global flags stay unparsed
+        parsed(["mnist", *cmd[3:]])
+        assert parsed.grid_spacing == gs and parsed.steps == 7
+        for flag in br.TRAIN_FLAGS[gs]:
+            name, value = flag[2:].split("=")
+            assert str(getattr(parsed, name)) == value
+    with pytest.raises(ValueError, match="not a SavedModel"):
+        br.ensure_model(8, str(tmp_path))
+
+
+def test_registration_table_names_the_regressor_passes(tmp_path):
+    common = {"ncc": 0.9, "dice": 0.8, "folding_fraction": 0.001, "pairs_with_folding": 3, "pairs": 10}
+    rows = {"DIRNet gs=8": dict(common, ms_per_pair=0.7, ms_per_pair_batch1=3.0, timing_batch_size=256,
+                                passes=2),
+            "elastix gs=8": dict(common, ms_per_pair=120.0, threads=2)}
+    table = br.format_table(rows, {"ncc": 0.4, "dice": 0.4}).splitlines()
+    assert table[3].startswith("| DIRNet gs=8 (2 passes) | 0.9000 |")
+    assert table[4].startswith("| elastix gs=8 | 0.9000 |") and "2 threads" in table[4]
+
+    export = tmp_path / "export"
+    (export / "assets").mkdir(parents=True)
+    (export / "assets" / "dirnet.json").write_text('{"grid_spacing": [4, 4], "passes": 4}')
+    assert br.export_info(str(export))["passes"] == 4 and br.export_grid_spacing(str(export)) == 4
+    (export / "assets" / "dirnet.json").write_text("not json")
+    assert br.export_info(str(export)) == {} and br.export_grid_spacing(str(export)) is None
