@@ -109,10 +109,11 @@ def test_quality_scores_and_targets():
 
 def test_benchmark_trains_missing_models_with_valid_experiment_flags(tmp_path, monkeypatch):
     import copy
+    import importlib
 
     from absl import flags
 
-    import experiments.mnist  # noqa: F401  (defines the experiment's flags)
+    importlib.import_module("experiments.mnist")  # defines the experiment's flags
 
     calls = []
     monkeypatch.setattr(br.subprocess, "run", lambda cmd, check: calls.append(cmd))
