@@ -1,0 +1,159 @@
+"""GPU timings of the CUDA resampler kernels next to PyTorch's ``grid_sample``.
+
+Runs on a GPU machine that has nvcc and (optionally) PyTorch but no TensorFlow:
+it runs the standalone harness built by ``make test-gpu`` (``ops/build/gpu_harness``),
+which checks the CUDA kernels against the CPU core and then times
+forward+backward (gradients for image and coordinates) at the benchmark sizes,
+and, in the same run, times ``torch.nn.functional.grid_sample`` forward+backward
+on the same sizes with CUDA events (median of repeated runs after warm-up).
+Prints a table and writes JSON::
+
+    make test-gpu && python -m experiments.bench_resample_gpu --out gpu.json
+
+Only the standard library, numpy and (when installed) torch are imported, so it
+runs where TensorFlow is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HARNESS = Path(__file__).resolve().parent.parent / "ops" / "build" / "gpu_harness"
+
+_TIME_LINE = re.compile(
+    r"^time\s+(?P<ndim>\d)D B=(?P<batch>\d+) (?P<size>\d+)\^\d C=1 float: "
+    r"forward\+backward (?P<ms>[0-9.]+) ms")
+
+
+def parse_harness_output(text: str) -> dict:
+    """Reads the harness's report: GPU name, pass/fail and its timing lines.
+
+    Returns ``{"gpu": str or None, "passed": bool, "no_gpu": bool,
+    "times": [{"ndim", "batch", "size", "ms"}, ...]}``.
+    """
+    gpu = None
+    times = []
+    for line in text.splitlines():
+        if line.startswith("GPU: "):
+            gpu = line[len("GPU: "):].strip()
+        match = _TIME_LINE.match(line.strip())
+        if match:
+            times.append({"ndim": int(match["ndim"]), "batch": int(match["batch"]),
+                          "size": int(match["size"]), "ms": float(match["ms"])})
+    return {"gpu": gpu, "passed": "ALL GPU CHECKS PASSED" in text,
+            "no_gpu": text.startswith("NO GPU") or "\nNO GPU" in text, "times": times}
+
+
+def ij_to_grid(ij, size: int):
+    """Absolute ij pixel coordinates -> grid_sample's normalised xy(z) grid.
+
+    With ``align_corners=True``, -1 and 1 are the centres of the first and the
+    last pixel, and the last axis of the grid is ordered x (last image axis) first.
+    """
+    return ij.flip(-1) / (size - 1) * 2 - 1
+
+
+def time_grid_sample(ndim: int, batch: int, size: int, repeats: int = 20,
+                     warmup: int = 5, device: str = "cuda") -> float:
+    """Median ms of grid_sample forward+backward (image and grid gradients)."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (batch, 1) + (size,) * ndim
+    image = torch.rand(shape, device=device, generator=gen).requires_grad_(True)
+    # Identity plus up to +-2 px of jitter, as the harness draws.
+    axes = torch.meshgrid(*[torch.arange(size, device=device, dtype=torch.float32)] * ndim,
+                          indexing="ij")
+    ij = torch.stack(axes, dim=-1).expand((batch,) + (size,) * ndim + (ndim,))
+    ij = ij + (torch.rand(ij.shape, device=device, generator=gen) * 4 - 2)
+    grid = ij_to_grid(ij, size).contiguous().requires_grad_(True)
+    grad_out = torch.rand(shape, device=device, generator=gen)
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        start = torch.cuda.Event(enable_timing=True)
+        stop = torch.cuda.Event(enable_timing=True)
+    times = []
+    for rep in range(warmup + repeats):
+        image.grad = None
+        grid.grad = None
+        if on_gpu:
+            start.record()
+        else:
+            t0 = time.perf_counter()
+        out = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=True)
+        out.backward(grad_out)
+        if on_gpu:
+            stop.record()
+            stop.synchronize()
+            elapsed = start.elapsed_time(stop)
+        else:
+            elapsed = (time.perf_counter() - t0) * 1e3
+        if rep >= warmup:
+            times.append(elapsed)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--harness", default=str(HARNESS),
+                        help="the harness binary built by `make test-gpu`")
+    parser.add_argument("--out", default="bench_resample_gpu.json", help="JSON output path")
+    args = parser.parse_args(argv)
+
+    harness = Path(args.harness)
+    if not harness.is_file():
+        print(f"{harness} does not exist: run `make test-gpu` first (needs nvcc).",
+              file=sys.stderr)
+        return 2
+    proc = subprocess.run([str(harness)], capture_output=True, text=True)
+    report = parse_harness_output(proc.stdout)
+    if report["no_gpu"]:
+        print("No GPU here: nothing to time.", file=sys.stderr)
+        return 2
+    if proc.returncode != 0 or not report["passed"]:
+        print(proc.stdout + proc.stderr, file=sys.stderr)
+        print("The GPU checks failed: timings are not reported.", file=sys.stderr)
+        return 1
+
+    try:
+        import torch
+        torch_ok = torch.cuda.is_available()
+        torch_version = torch.__version__
+    except ImportError:
+        torch_ok, torch_version = False, None
+    rows = []
+    for t in report["times"]:
+        row = {"ndim": t["ndim"], "batch": t["batch"], "size": t["size"], "ours_ms": t["ms"]}
+        row["grid_sample_ms"] = (time_grid_sample(row["ndim"], row["batch"], row["size"])
+                                 if torch_ok else None)
+        row["ratio"] = (row["grid_sample_ms"] / row["ours_ms"]
+                        if row["grid_sample_ms"] and row["ours_ms"] else None)
+        rows.append(row)
+
+    print(f"GPU: {report['gpu']}   torch: {torch_version or 'not installed'}")
+    print("forward+backward (image and coordinate gradients), float32, C=1, median ms")
+    print(f"{'case':<18}{'ours (CUDA)':>13}{'grid_sample':>13}{'grid_sample/ours':>18}")
+    for row in rows:
+        case = f"{row['ndim']}D B={row['batch']} {row['size']}^{row['ndim']}"
+        gs = f"{row['grid_sample_ms']:.3f}" if row["grid_sample_ms"] else "-"
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
+        print(f"{case:<18}{row['ours_ms']:>13.3f}{gs:>13}{ratio:>18}")
+    Path(args.out).write_text(json.dumps(
+        {"gpu": report["gpu"], "torch": torch_version, "checks_passed": True,
+         "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
