@@ -108,6 +108,10 @@ def main(argv=None) -> int:
     parser.add_argument("--harness", default=str(HARNESS),
                         help="the harness binary built by `make test-gpu`")
     parser.add_argument("--out", default="bench_resample_gpu.json", help="JSON output path")
+    parser.add_argument("--extra_sizes", default="2:32:512,3:2:128",
+                        help="comma-separated NDIM:BATCH:SIZE timing cases beyond the three "
+                             "benchmark sizes (large enough that kernel time, not launch "
+                             "overhead, dominates); empty for none")
     args = parser.parse_args(argv)
 
     harness = Path(args.harness)
@@ -115,10 +119,14 @@ def main(argv=None) -> int:
         print(f"{harness} does not exist: run `make test-gpu` first (needs nvcc).",
               file=sys.stderr)
         return 2
-    proc = subprocess.run([str(harness)], capture_output=True, text=True)
+    extra = [c for c in args.extra_sizes.split(",") if c]
+    proc = subprocess.run([str(harness)] + extra, capture_output=True, text=True)
     report = parse_harness_output(proc.stdout)
     if report["no_gpu"]:
         print("No GPU here: nothing to time.", file=sys.stderr)
+        return 2
+    if proc.returncode == 2:
+        print(proc.stderr, file=sys.stderr)
         return 2
     if proc.returncode != 0 or not report["passed"]:
         print(proc.stdout + proc.stderr, file=sys.stderr)

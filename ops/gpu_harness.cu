@@ -9,6 +9,7 @@
 // mismatch or CUDA error; 0 with a "NO GPU" message when there is no GPU.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -194,9 +195,36 @@ void time_case(int ndim, int64_t batch, int64_t size) {
   cudaEventDestroy(stop);
 }
 
+// "NDIM:BATCH:SIZE" -> a timing case; false if malformed or out of range.
+bool parse_time_case(const char* arg, int* ndim, long long* batch, long long* size) {
+  char tail = 0;
+  if (std::sscanf(arg, "%d:%lld:%lld%c", ndim, batch, size, &tail) != 3) return false;
+  if (*ndim < 2 || *ndim > 3 || *batch < 1 || *size < 2) return false;
+  double points = double(*batch);
+  for (int d = 0; d < *ndim; ++d) points *= double(*size);
+  return points <= 1.5e8;  // keeps every buffer well under 4 GB
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  // Extra timing cases on the command line, e.g. `gpu_harness 2:32:512 3:2:128`.
+  struct TimeCase {
+    int ndim;
+    long long batch, size;
+  };
+  std::vector<TimeCase> extra;
+  for (int i = 1; i < argc; ++i) {
+    TimeCase c;
+    if (!parse_time_case(argv[i], &c.ndim, &c.batch, &c.size)) {
+      std::fprintf(stderr,
+                   "usage: %s [NDIM:BATCH:SIZE ...]  (extra timing cases; NDIM 2 or 3, "
+                   "BATCH >= 1, SIZE >= 2, at most 1.5e8 points); got '%s'\n",
+                   argv[0], argv[i]);
+      return 2;
+    }
+    extra.push_back(c);
+  }
   int count = 0;
   const cudaError_t status = cudaGetDeviceCount(&count);
   if (status != cudaSuccess || count == 0) {
@@ -227,6 +255,7 @@ int main() {
     time_case(2, 32, 28);
     time_case(2, 8, 256);
     time_case(3, 2, 64);
+    for (const TimeCase& c : extra) time_case(c.ndim, c.batch, c.size);
   }
   std::printf(ok ? "ALL GPU CHECKS PASSED\n" : "GPU CHECKS FAILED\n");
   return ok ? 0 : 1;
