@@ -27,14 +27,18 @@ HARNESS = Path(__file__).resolve().parent.parent / "ops" / "build" / "gpu_harnes
 
 _TIME_LINE = re.compile(
     r"^time\s+(?P<ndim>\d)D B=(?P<batch>\d+) (?P<size>\d+)\^\d C=1 float: "
-    r"forward\+backward (?P<ms>[0-9.]+) ms")
+    r"forward\+backward (?P<ms>[0-9.]+) ms"
+    r"(?:.*forward alone (?P<fwd>[0-9.]+) ms)?(?:.*64-bit indexing forward\+backward "
+    r"(?P<ms64>[0-9.]+) ms)?")
 
 
 def parse_harness_output(text: str) -> dict:
     """Reads the harness's report: GPU name, pass/fail and its timing lines.
 
     Returns ``{"gpu": str or None, "passed": bool, "no_gpu": bool,
-    "times": [{"ndim", "batch", "size", "ms"}, ...]}``.
+    "times": [{"ndim", "batch", "size", "ms"[, "fwd", "ms64"]}, ...]}``: ``ms`` is
+    forward+backward as the op runs, ``fwd`` the forward pass alone and ``ms64``
+    forward+backward with 64-bit indexing forced, when the harness reports them.
     """
     gpu = None
     times = []
@@ -43,8 +47,12 @@ def parse_harness_output(text: str) -> dict:
             gpu = line[len("GPU: "):].strip()
         match = _TIME_LINE.match(line.strip())
         if match:
-            times.append({"ndim": int(match["ndim"]), "batch": int(match["batch"]),
-                          "size": int(match["size"]), "ms": float(match["ms"])})
+            entry = {"ndim": int(match["ndim"]), "batch": int(match["batch"]),
+                     "size": int(match["size"]), "ms": float(match["ms"])}
+            for key in ("fwd", "ms64"):
+                if match[key] is not None:
+                    entry[key] = float(match[key])
+            times.append(entry)
     return {"gpu": gpu, "passed": "ALL GPU CHECKS PASSED" in text,
             "no_gpu": text.startswith("NO GPU") or "\nNO GPU" in text, "times": times}
 
@@ -141,7 +149,8 @@ def main(argv=None) -> int:
         torch_ok, torch_version = False, None
     rows = []
     for t in report["times"]:
-        row = {"ndim": t["ndim"], "batch": t["batch"], "size": t["size"], "ours_ms": t["ms"]}
+        row = {"ndim": t["ndim"], "batch": t["batch"], "size": t["size"], "ours_ms": t["ms"],
+               "ours_forward_ms": t.get("fwd"), "ours_64bit_index_ms": t.get("ms64")}
         row["grid_sample_ms"] = (time_grid_sample(row["ndim"], row["batch"], row["size"])
                                  if torch_ok else None)
         row["ratio"] = (row["grid_sample_ms"] / row["ours_ms"]
@@ -150,12 +159,18 @@ def main(argv=None) -> int:
 
     print(f"GPU: {report['gpu']}   torch: {torch_version or 'not installed'}")
     print("forward+backward (image and coordinate gradients), float32, C=1, median ms")
-    print(f"{'case':<18}{'ours (CUDA)':>13}{'grid_sample':>13}{'grid_sample/ours':>18}")
+    print(f"{'case':<18}{'ours (CUDA)':>13}{'grid_sample':>13}{'grid_sample/ours':>18}"
+          f"{'ours fwd':>10}{'ours 64-bit idx':>17}")
+
+    def cell(value, fmt):
+        return format(value, fmt) if value is not None else "-"
+
     for row in rows:
         case = f"{row['ndim']}D B={row['batch']} {row['size']}^{row['ndim']}"
-        gs = f"{row['grid_sample_ms']:.3f}" if row["grid_sample_ms"] else "-"
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
-        print(f"{case:<18}{row['ours_ms']:>13.3f}{gs:>13}{ratio:>18}")
+        print(f"{case:<18}{row['ours_ms']:>13.3f}{cell(row['grid_sample_ms'], '.3f'):>13}"
+              f"{ratio:>18}{cell(row['ours_forward_ms'], '.3f'):>10}"
+              f"{cell(row['ours_64bit_index_ms'], '.3f'):>17}")
     Path(args.out).write_text(json.dumps(
         {"gpu": report["gpu"], "torch": torch_version, "checks_passed": True,
          "rows": rows}, indent=2) + "\n")

@@ -69,14 +69,15 @@ double max_error(const std::vector<T>& a, const std::vector<T>& b) {
 }
 
 template <typename T>
-bool run_case(int ndim, int boundary, int64_t channels, int64_t batch, int64_t points,
-              unsigned seed) {
+bool check_case(int ndim, int boundary, int64_t channels, int64_t batch, int64_t points,
+                unsigned seed, bool idx32) {
   ResampleShape s;
   s.ndim = ndim;
   s.batch = batch;
   s.channels = channels;
   s.points = points;
   s.boundary = boundary;
+  s.allow_int32 = idx32;
   const int64_t sizes[3] = {7, 9, 5};
   for (int d = 0; d < ndim; ++d) s.size[d] = sizes[d];
   const int64_t n_image = batch * s.image_stride();
@@ -139,12 +140,22 @@ bool run_case(int ndim, int boundary, int64_t channels, int64_t batch, int64_t p
   const double e_gcrd = max_error(d_gcrd.download(), gcrd_cpu);
   const double e_only = max_error(d_gcrd_only.download(), gcrd_only_cpu);
   const bool ok = e_out <= tol && e_gimg <= tol && e_gcrd <= tol && e_only <= tol;
-  std::printf("%s %s ndim=%d boundary=%s C=%lld B=%lld P=%lld: out %.2e  grad_image %.2e  "
+  std::printf("%s %s idx%d ndim=%d boundary=%s C=%lld B=%lld P=%lld: out %.2e  grad_image %.2e  "
               "grad_coords %.2e  coords-only %.2e\n",
-              ok ? "ok  " : "FAIL", sizeof(T) == 4 ? "float " : "double", ndim,
+              ok ? "ok  " : "FAIL", sizeof(T) == 4 ? "float " : "double", idx32 ? 32 : 64, ndim,
               boundary == dirnet::kZeros ? "zeros " : "border", (long long)channels,
               (long long)batch, (long long)points, e_out, e_gimg, e_gcrd, e_only);
   return ok;
+}
+
+// Each case with the kernels' 32-bit indexing (what small problems get) and
+// with 64-bit indexing forced (what problems beyond 2^31 elements get).
+template <typename T>
+bool run_case(int ndim, int boundary, int64_t channels, int64_t batch, int64_t points,
+              unsigned seed) {
+  const bool ok32 = check_case<T>(ndim, boundary, channels, batch, points, seed, true);
+  const bool ok64 = check_case<T>(ndim, boundary, channels, batch, points, seed, false);
+  return ok32 && ok64;
 }
 
 // Forward+backward time of the benchmark sizes (median of 20, ms).
@@ -175,22 +186,44 @@ void time_case(int ndim, int64_t batch, int64_t size) {
   cudaEvent_t start, stop;
   CHECK_CUDA(cudaEventCreate(&start));
   CHECK_CUDA(cudaEventCreate(&stop));
-  std::vector<float> times;
-  for (int rep = 0; rep < 25; ++rep) {
+  // Interleaved repetitions of: forward+backward (32-bit indexing where it
+  // fits, as the op runs), forward alone, forward+backward with 64-bit
+  // indexing forced.
+  const bool auto32 = dirnet::fits_int32(s);
+  std::vector<float> both, fwd, both64;
+  auto timed = [&](bool idx32, bool backward) {
+    s.allow_int32 = idx32;
     CHECK_CUDA(cudaEventRecord(start));
     dirnet::ResampleFunctor<GpuDevice, float>()(gpu, s, image.ptr, crd.ptr, out.ptr);
-    dirnet::ResampleGradFunctor<GpuDevice, float>()(gpu, s, image.ptr, crd.ptr, gout.ptr,
-                                                    gimg.ptr, gcrd.ptr);
+    if (backward) {
+      dirnet::ResampleGradFunctor<GpuDevice, float>()(gpu, s, image.ptr, crd.ptr, gout.ptr,
+                                                      gimg.ptr, gcrd.ptr);
+    }
     CHECK_CUDA(cudaEventRecord(stop));
     CHECK_CUDA(cudaEventSynchronize(stop));
+    CHECK_CUDA(cudaGetLastError());
     float ms = 0.f;
     CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    if (rep >= 5) times.push_back(ms);
+    return ms;
+  };
+  for (int rep = 0; rep < 25; ++rep) {
+    const float t_both = timed(true, true), t_fwd = timed(true, false),
+                t_64 = timed(false, true);
+    if (rep >= 5) {
+      both.push_back(t_both);
+      fwd.push_back(t_fwd);
+      both64.push_back(t_64);
+    }
   }
-  std::sort(times.begin(), times.end());
-  std::printf("time  %dD B=%lld %lld^%d C=1 float: forward+backward %.3f ms (median of %zu)\n",
-              ndim, (long long)batch, (long long)size, ndim, times[times.size() / 2],
-              times.size());
+  auto median = [](std::vector<float>& v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  std::printf("time  %dD B=%lld %lld^%d C=1 float: forward+backward %.3f ms (median of %zu; "
+              "%d-bit indexing; forward alone %.3f ms; 64-bit indexing forward+backward "
+              "%.3f ms)\n",
+              ndim, (long long)batch, (long long)size, ndim, median(both), both.size(),
+              auto32 ? 32 : 64, median(fwd), median(both64));
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
 }
