@@ -11,7 +11,7 @@ kernels from C++; the grid_sample timings include PyTorch's dispatch between
 kernels, which dominates at small sizes.
 Prints a table and writes JSON::
 
-    make test-gpu && python -m experiments.bench_resample_gpu --out gpu.json
+    make test-gpu && python -m experiments.bench_resample_gpu
 
 Only the standard library, numpy and (when installed) torch are imported, so it
 runs where TensorFlow is not installed.
@@ -125,7 +125,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--harness", default=str(HARNESS),
                         help="the harness binary built by `make test-gpu`")
-    parser.add_argument("--out", default="bench_resample_gpu.json", help="JSON output path")
+    parser.add_argument("--out", default="runs/bench/bench_resample_gpu.json",
+                        help="JSON output path")
     parser.add_argument("--extra_sizes", default="2:32:512,3:2:128",
                         help="comma-separated NDIM:BATCH:SIZE timing cases beyond the three "
                              "benchmark sizes (large enough that kernel time, not launch "
@@ -188,6 +189,7 @@ def main(argv=None) -> int:
               f"{cell(row['ratio_coords_only'], '.2f'):>7}{cell(row['ours_forward_ms'], '.3f'):>10}"
               f"{cell(row['ours_64bit_index_ms'], '.3f'):>16}")
     print("ratio = grid_sample / ours (above 1: ours is faster).")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(
         {"gpu": report["gpu"], "torch": torch_version, "checks_passed": True,
          "rows": rows}, indent=2) + "\n")

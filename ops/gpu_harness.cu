@@ -5,8 +5,12 @@
 // double and several channel counts it draws random images and coordinates
 // (inside, around and far outside the image, plus NaN/inf/huge values), runs
 // forward, backward and coordinates-only backward on the GPU and on the CPU
-// (resample_cpu.h, serial) and compares.  Exit code 0: all cases agree; 1: a
-// mismatch or CUDA error; 0 with a "NO GPU" message when there is no GPU.
+// (resample_cpu.h, serial) and compares, once with the kernels' 32-bit
+// indexing and once with 64-bit indexing forced.  Then it times the benchmark
+// sizes, plus any NDIM:BATCH:SIZE cases given on the command line
+// (`--time-only` skips the checks, for profilers).  Exit code 0: all cases
+// agree; 1: a mismatch or CUDA error; 2: bad arguments; 0 with a "NO GPU"
+// message when there is no GPU.
 #include <cuda_runtime.h>
 
 #include <algorithm>
