@@ -35,7 +35,6 @@ _TIME_LINE = re.compile(
 _EXTRA_TIMES = {
     "fwd": re.compile(r"forward alone ([0-9.]+) ms"),
     "coords_only": re.compile(r"coords-only forward\+backward ([0-9.]+) ms"),
-    "ms64": re.compile(r"64-bit indexing forward\+backward ([0-9.]+) ms"),
 }
 
 
@@ -43,10 +42,9 @@ def parse_harness_output(text: str) -> dict:
     """Reads the harness's report: GPU name, pass/fail and its timing lines.
 
     Returns ``{"gpu": str or None, "passed": bool, "no_gpu": bool,
-    "times": [{"ndim", "batch", "size", "ms"[, "fwd", "coords_only", "ms64"]}, ...]}``:
-    ``ms`` is forward+backward (both gradients) as the op runs, ``fwd`` the forward
-    pass alone, ``coords_only`` forward + coordinates-only backward and ``ms64``
-    forward+backward with 64-bit indexing forced, when the harness reports them.
+    "times": [{"ndim", "batch", "size", "ms"[, "fwd", "coords_only"]}, ...]}``:
+    ``ms`` is forward+backward (both gradients), ``fwd`` the forward pass alone and
+    ``coords_only`` forward + coordinates-only backward, when the harness reports them.
     """
     gpu = None
     times = []
@@ -161,8 +159,7 @@ def main(argv=None) -> int:
     rows = []
     for t in report["times"]:
         row = {"ndim": t["ndim"], "batch": t["batch"], "size": t["size"], "ours_ms": t["ms"],
-               "ours_coords_only_ms": t.get("coords_only"), "ours_forward_ms": t.get("fwd"),
-               "ours_64bit_index_ms": t.get("ms64")}
+               "ours_coords_only_ms": t.get("coords_only"), "ours_forward_ms": t.get("fwd")}
         for suffix, image_grad in (("", True), ("_coords_only", False)):
             theirs = (time_grid_sample(row["ndim"], row["batch"], row["size"],
                                        image_grad=image_grad) if torch_ok else None)
@@ -176,7 +173,7 @@ def main(argv=None) -> int:
           "coordinate gradient alone (training a registration network).")
     print(f"{'case':<16}{'fwd+bwd ours':>13}{'grid_sample':>12}{'ratio':>7}"
           f"{'coords-only ours':>17}{'grid_sample':>12}{'ratio':>7}"
-          f"{'fwd ours':>10}{'ours 64-bit idx':>16}")
+          f"{'fwd ours':>10}")
 
     def cell(value, fmt):
         return format(value, fmt) if value is not None else "-"
@@ -186,8 +183,8 @@ def main(argv=None) -> int:
         print(f"{case:<16}{row['ours_ms']:>13.3f}{cell(row['grid_sample_ms'], '.3f'):>12}"
               f"{cell(row['ratio'], '.2f'):>7}{cell(row['ours_coords_only_ms'], '.3f'):>17}"
               f"{cell(row['grid_sample_coords_only_ms'], '.3f'):>12}"
-              f"{cell(row['ratio_coords_only'], '.2f'):>7}{cell(row['ours_forward_ms'], '.3f'):>10}"
-              f"{cell(row['ours_64bit_index_ms'], '.3f'):>16}")
+              f"{cell(row['ratio_coords_only'], '.2f'):>7}"
+              f"{cell(row['ours_forward_ms'], '.3f'):>10}")
     print("ratio = grid_sample / ours (above 1: ours is faster).")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(

@@ -5,8 +5,7 @@
 // double and several channel counts it draws random images and coordinates
 // (inside, around and far outside the image, plus NaN/inf/huge values), runs
 // forward, backward and coordinates-only backward on the GPU and on the CPU
-// (resample_cpu.h, serial) and compares, once with the kernels' 32-bit
-// indexing and once with 64-bit indexing forced.  Then it times the benchmark
+// (resample_cpu.h, serial) and compares.  Then it times the benchmark
 // sizes, plus any NDIM:BATCH:SIZE cases given on the command line
 // (`--time-only` skips the checks, for profilers).  Exit code 0: all cases
 // agree; 1: a mismatch or CUDA error; 2: bad arguments; 0 with a "NO GPU"
@@ -73,15 +72,14 @@ double max_error(const std::vector<T>& a, const std::vector<T>& b) {
 }
 
 template <typename T>
-bool check_case(int ndim, int boundary, int64_t channels, int64_t batch, int64_t points,
-                unsigned seed, bool idx32) {
+bool run_case(int ndim, int boundary, int64_t channels, int64_t batch, int64_t points,
+              unsigned seed) {
   ResampleShape s;
   s.ndim = ndim;
   s.batch = batch;
   s.channels = channels;
   s.points = points;
   s.boundary = boundary;
-  s.allow_int32 = idx32;
   const int64_t sizes[3] = {7, 9, 5};
   for (int d = 0; d < ndim; ++d) s.size[d] = sizes[d];
   const int64_t n_image = batch * s.image_stride();
@@ -144,22 +142,12 @@ bool check_case(int ndim, int boundary, int64_t channels, int64_t batch, int64_t
   const double e_gcrd = max_error(d_gcrd.download(), gcrd_cpu);
   const double e_only = max_error(d_gcrd_only.download(), gcrd_only_cpu);
   const bool ok = e_out <= tol && e_gimg <= tol && e_gcrd <= tol && e_only <= tol;
-  std::printf("%s %s idx%d ndim=%d boundary=%s C=%lld B=%lld P=%lld: out %.2e  grad_image %.2e  "
+  std::printf("%s %s ndim=%d boundary=%s C=%lld B=%lld P=%lld: out %.2e  grad_image %.2e  "
               "grad_coords %.2e  coords-only %.2e\n",
-              ok ? "ok  " : "FAIL", sizeof(T) == 4 ? "float " : "double", idx32 ? 32 : 64, ndim,
+              ok ? "ok  " : "FAIL", sizeof(T) == 4 ? "float " : "double", ndim,
               boundary == dirnet::kZeros ? "zeros " : "border", (long long)channels,
               (long long)batch, (long long)points, e_out, e_gimg, e_gcrd, e_only);
   return ok;
-}
-
-// Each case with the kernels' 32-bit indexing (what small problems get) and
-// with 64-bit indexing forced (what problems beyond 2^31 elements get).
-template <typename T>
-bool run_case(int ndim, int boundary, int64_t channels, int64_t batch, int64_t points,
-              unsigned seed) {
-  const bool ok32 = check_case<T>(ndim, boundary, channels, batch, points, seed, true);
-  const bool ok64 = check_case<T>(ndim, boundary, channels, batch, points, seed, false);
-  return ok32 && ok64;
 }
 
 // Forward+backward time of the benchmark sizes (median of 20, ms).
@@ -190,15 +178,12 @@ void time_case(int ndim, int64_t batch, int64_t size) {
   cudaEvent_t start, stop;
   CHECK_CUDA(cudaEventCreate(&start));
   CHECK_CUDA(cudaEventCreate(&stop));
-  // Interleaved repetitions of: forward+backward (32-bit indexing where it
-  // fits, as the op runs), forward alone, forward + coordinates-only backward
-  // (what training a registration network needs: the image is data),
-  // forward+backward with 64-bit indexing forced.
-  const bool auto32 = dirnet::fits_int32(s);
-  std::vector<float> both, fwd, coords_only, both64;
+  // Interleaved repetitions of: forward+backward, forward alone, forward +
+  // coordinates-only backward (what training a registration network needs:
+  // the image is data).
+  std::vector<float> both, fwd, coords_only;
   enum Backward { kNone, kCoordsOnly, kBoth };
-  auto timed = [&](bool idx32, Backward backward) {
-    s.allow_int32 = idx32;
+  auto timed = [&](Backward backward) {
     CHECK_CUDA(cudaEventRecord(start));
     dirnet::ResampleFunctor<GpuDevice, float>()(gpu, s, image.ptr, crd.ptr, out.ptr);
     if (backward != kNone) {
@@ -214,13 +199,11 @@ void time_case(int ndim, int64_t batch, int64_t size) {
     return ms;
   };
   for (int rep = 0; rep < 25; ++rep) {
-    const float t_both = timed(true, kBoth), t_fwd = timed(true, kNone),
-                t_coords = timed(true, kCoordsOnly), t_64 = timed(false, kBoth);
+    const float t_both = timed(kBoth), t_fwd = timed(kNone), t_coords = timed(kCoordsOnly);
     if (rep >= 5) {
       both.push_back(t_both);
       fwd.push_back(t_fwd);
       coords_only.push_back(t_coords);
-      both64.push_back(t_64);
     }
   }
   auto median = [](std::vector<float>& v) {
@@ -228,10 +211,9 @@ void time_case(int ndim, int64_t batch, int64_t size) {
     return v[v.size() / 2];
   };
   std::printf("time  %dD B=%lld %lld^%d C=1 float: forward+backward %.3f ms (median of %zu; "
-              "%d-bit indexing; forward alone %.3f ms; coords-only forward+backward %.3f ms; "
-              "64-bit indexing forward+backward %.3f ms)\n",
+              "forward alone %.3f ms; coords-only forward+backward %.3f ms)\n",
               ndim, (long long)batch, (long long)size, ndim, median(both), both.size(),
-              auto32 ? 32 : 64, median(fwd), median(coords_only), median(both64));
+              median(fwd), median(coords_only));
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
 }

@@ -64,10 +64,6 @@ struct ResampleShape {
   int64_t channels = 0;      // C
   int64_t points = 0;        // output points per batch item (product of out axes)
   int boundary = kZeros;
-  // The CUDA kernels use 32-bit index arithmetic when every offset fits
-  // (fits_int32); false forces 64-bit indexing (used by the GPU harness to
-  // test that path on small inputs).
-  bool allow_int32 = true;
 
   // Elements of one batch item of the image.
   DIRNET_HD int64_t image_stride() const {
@@ -77,35 +73,24 @@ struct ResampleShape {
   }
 };
 
-// True when every element offset of the problem (image, coordinates and
-// outputs, all batch items together) fits in a signed 32-bit integer.
-DIRNET_HD bool fits_int32(const ResampleShape& s) {
-  const int64_t kMax = 2147483647;
-  const int64_t per_point = s.channels > s.ndim ? s.channels : s.ndim;
-  const int64_t item = s.image_stride();
-  return (item == 0 || s.batch <= kMax / item) &&
-         (s.points == 0 || s.batch <= kMax / s.points / per_point);
-}
-
-// Per-axis constants of a problem, computed once (not per point).  I is the
-// index type (see Axis).
-template <int NDIM, typename T, typename I = int64_t>
+// Per-axis constants of a problem, computed once (not per point).
+template <int NDIM, typename T>
 struct Grid {
-  I size[NDIM];
-  I stride[NDIM];  // elements between neighbours along the axis
+  int64_t size[NDIM];
+  int64_t stride[NDIM];  // elements between neighbours along the axis
   T sizef[NDIM];
   T lastf[NDIM];  // size - 1
   int boundary;
 };
 
-template <int NDIM, typename T, typename I = int64_t>
-DIRNET_HD Grid<NDIM, T, I> make_grid(const ResampleShape& s) {
-  Grid<NDIM, T, I> g;
+template <int NDIM, typename T>
+DIRNET_HD Grid<NDIM, T> make_grid(const ResampleShape& s) {
+  Grid<NDIM, T> g;
   int64_t st = s.channels;
 DIRNET_UNROLL
   for (int d = NDIM - 1; d >= 0; --d) {
-    g.size[d] = static_cast<I>(s.size[d]);
-    g.stride[d] = static_cast<I>(st);
+    g.size[d] = s.size[d];
+    g.stride[d] = st;
     g.sizef[d] = static_cast<T>(s.size[d]);
     g.lastf[d] = static_cast<T>(s.size[d] - 1);
     st *= s.size[d];
@@ -118,8 +103,7 @@ DIRNET_UNROLL
 // neighbouring grid lines (indices clamped into [0, n-1], times the stride),
 // their interpolation weights (0 for a line outside the image in zeros mode)
 // and the derivatives of those weights with respect to the coordinate.
-// I is the offset type: int64_t in general, int32_t where the CUDA kernels
-// know that every offset fits (fits_int32; cheaper integer arithmetic).
+// I is the offset type (int64_t in every kernel: 64-bit indexing throughout).
 template <typename T, typename I = int64_t>
 struct Axis {
   I o0, o1;
@@ -196,14 +180,15 @@ DIRNET_UNROLL
   }
 }
 
-template <int NDIM, typename T, typename I = int64_t>
-DIRNET_HD void setup_corners(const T* DIRNET_RESTRICT x, const Grid<NDIM, T, I>& g,
-                             Corners<NDIM, T, I>& c) {
+template <int NDIM, typename T>
+DIRNET_HD void setup_corners(const T* DIRNET_RESTRICT x, const Grid<NDIM, T>& g,
+                             Corners<NDIM, T>& c) {
 DIRNET_UNROLL
   for (int d = 0; d < NDIM; ++d) {
-    setup_axis<T, I>(x[d], g.size[d], g.sizef[d], g.lastf[d], g.stride[d], g.boundary, c.ax[d]);
+    setup_axis<T, int64_t>(x[d], g.size[d], g.sizef[d], g.lastf[d], g.stride[d], g.boundary,
+                           c.ax[d]);
   }
-  combine_axes<NDIM, T, I>(c);
+  combine_axes<NDIM, T, int64_t>(c);
 }
 
 // Contracts per-corner values v[k] over all axes, axis e with its weights
@@ -271,30 +256,29 @@ DIRNET_UNROLL
 
 // Whole-point helpers over the flattened point index q in [0, B*P): they
 // locate the batch item, set up the corners and run the per-point math.
-// `points` and `item` (elements per image batch item) are passed in the index
-// type I so that the division and the offsets stay in it.
-template <int NDIM, int CC, typename T, typename I = int64_t>
-DIRNET_HD void forward_at(I q, I points, I item, int64_t channels, const Grid<NDIM, T, I>& g,
+template <int NDIM, int CC, typename T>
+DIRNET_HD void forward_at(int64_t q, const ResampleShape& s, const Grid<NDIM, T>& g,
                           const T* DIRNET_RESTRICT image, const T* DIRNET_RESTRICT coords,
                           T* DIRNET_RESTRICT out) {
-  const I b = q / points;
-  Corners<NDIM, T, I> c;
-  setup_corners<NDIM, T, I>(coords + q * NDIM, g, c);
-  forward_point<NDIM, CC, T, I>(c, image + b * item, out + q * static_cast<I>(channels), channels);
+  const int64_t b = q / s.points;
+  Corners<NDIM, T> c;
+  setup_corners<NDIM, T>(coords + q * NDIM, g, c);
+  forward_point<NDIM, CC, T, int64_t>(c, image + b * s.image_stride(), out + q * s.channels, s.channels);
 }
 
 // grad_image is the whole [B, *spatial, C] gradient (unused unless WITH_IMAGE).
-template <int NDIM, int CC, bool WITH_IMAGE, typename T, typename Add, typename I = int64_t>
-DIRNET_HD void backward_at(I q, I points, I item, int64_t channels, const Grid<NDIM, T, I>& g,
+template <int NDIM, int CC, bool WITH_IMAGE, typename T, typename Add>
+DIRNET_HD void backward_at(int64_t q, const ResampleShape& s, const Grid<NDIM, T>& g,
                            const T* DIRNET_RESTRICT image, const T* DIRNET_RESTRICT coords,
                            const T* DIRNET_RESTRICT grad_out, T* grad_image,
                            T* DIRNET_RESTRICT grad_coords, const Add& add) {
-  const I start = (q / points) * item;
-  Corners<NDIM, T, I> c;
-  setup_corners<NDIM, T, I>(coords + q * NDIM, g, c);
-  backward_point<NDIM, CC, WITH_IMAGE, T, I, Add>(
-      c, image + start, grad_out + q * static_cast<I>(channels),
-      WITH_IMAGE ? grad_image + start : nullptr, grad_coords + q * NDIM, channels, add);
+  const int64_t b = q / s.points;
+  const int64_t item = b * s.image_stride();
+  Corners<NDIM, T> c;
+  setup_corners<NDIM, T>(coords + q * NDIM, g, c);
+  backward_point<NDIM, CC, WITH_IMAGE, T, int64_t, Add>(c, image + item, grad_out + q * s.channels,
+                                               WITH_IMAGE ? grad_image + item : nullptr,
+                                               grad_coords + q * NDIM, s.channels, add);
 }
 
 // Calls f.template run<NDIM, CC>() with the spatial rank and, for the common

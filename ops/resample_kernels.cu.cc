@@ -35,39 +35,30 @@ struct AtomicAdd {
   }
 };
 
-// I: index type of all offsets, int32_t when fits_int32(s) (cheaper integer
-// arithmetic: the per-point batch division and the corner offsets), else
-// int64_t.  The loop counter stays 64-bit so q + step cannot overflow.
-template <int NDIM, int CC, typename T, typename I>
+template <int NDIM, int CC, typename T>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(ResampleShape s, int64_t total, const T* __restrict__ image,
                    const T* __restrict__ coords, T* __restrict__ out) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  const Grid<NDIM, T, I> g = make_grid<NDIM, T, I>(s);
-  const I points = static_cast<I>(s.points);
-  const I item = static_cast<I>(s.image_stride());
+  const Grid<NDIM, T> g = make_grid<NDIM, T>(s);
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < total;
        q += step) {
-    forward_at<NDIM, CC, T, I>(static_cast<I>(q), points, item, s.channels, g, image, coords,
-                               out);
+    forward_at<NDIM, CC, T>(q, s, g, image, coords, out);
   }
 }
 
-template <int NDIM, int CC, bool WITH_IMAGE, typename T, typename I>
+template <int NDIM, int CC, bool WITH_IMAGE, typename T>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(ResampleShape s, int64_t total, const T* __restrict__ image,
                     const T* __restrict__ coords, const T* __restrict__ grad_out,
                     T* grad_image, T* __restrict__ grad_coords) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
   const AtomicAdd add;
-  const Grid<NDIM, T, I> g = make_grid<NDIM, T, I>(s);
-  const I points = static_cast<I>(s.points);
-  const I item = static_cast<I>(s.image_stride());
+  const Grid<NDIM, T> g = make_grid<NDIM, T>(s);
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < total;
        q += step) {
-    backward_at<NDIM, CC, WITH_IMAGE, T, AtomicAdd, I>(static_cast<I>(q), points, item,
-                                                       s.channels, g, image, coords, grad_out,
-                                                       grad_image, grad_coords, add);
+    backward_at<NDIM, CC, WITH_IMAGE, T, AtomicAdd>(q, s, g, image, coords, grad_out, grad_image,
+                                                    grad_coords, add);
   }
 }
 
@@ -87,13 +78,8 @@ struct ForwardLaunch {
   T* out;
   template <int NDIM, int CC>
   void run() const {
-    if (s.allow_int32 && fits_int32(s)) {
-      forward_kernel<NDIM, CC, T, int32_t>
-          <<<num_blocks(total), kThreads, 0, stream>>>(s, total, image, coords, out);
-    } else {
-      forward_kernel<NDIM, CC, T, int64_t>
-          <<<num_blocks(total), kThreads, 0, stream>>>(s, total, image, coords, out);
-    }
+    forward_kernel<NDIM, CC, T>
+        <<<num_blocks(total), kThreads, 0, stream>>>(s, total, image, coords, out);
   }
 };
 
@@ -109,19 +95,11 @@ struct BackwardLaunch {
   T* grad_coords;
   template <int NDIM, int CC>
   void run() const {
-    if (s.allow_int32 && fits_int32(s)) {
-      launch<NDIM, CC, int32_t>();
-    } else {
-      launch<NDIM, CC, int64_t>();
-    }
-  }
-  template <int NDIM, int CC, typename I>
-  void launch() const {
     if (grad_image != nullptr) {
-      backward_kernel<NDIM, CC, true, T, I><<<num_blocks(total), kThreads, 0, stream>>>(
+      backward_kernel<NDIM, CC, true, T><<<num_blocks(total), kThreads, 0, stream>>>(
           s, total, image, coords, grad_out, grad_image, grad_coords);
     } else {
-      backward_kernel<NDIM, CC, false, T, I><<<num_blocks(total), kThreads, 0, stream>>>(
+      backward_kernel<NDIM, CC, false, T><<<num_blocks(total), kThreads, 0, stream>>>(
           s, total, image, coords, grad_out, grad_image, grad_coords);
     }
   }

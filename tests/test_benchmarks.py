@@ -155,7 +155,7 @@ def test_registration_table_names_the_regressor_passes(tmp_path):
 _HARNESS_OK = """GPU: NVIDIA H200 (sm_90)
 ok   float  ndim=2 boundary=zeros  C=1 B=3 P=500: out 0.00e+00  grad_image 0.00e+00  grad_coords 0.00e+00  coords-only 0.00e+00
 time  2D B=32 28^2 C=1 float: forward+backward 0.021 ms (median of 20)
-time  3D B=2 64^3 C=1 float: forward+backward 0.150 ms (median of 20; 32-bit indexing; forward alone 0.050 ms; coords-only forward+backward 0.080 ms; 64-bit indexing forward+backward 0.200 ms)
+time  3D B=2 64^3 C=1 float: forward+backward 0.150 ms (median of 20; forward alone 0.050 ms; coords-only forward+backward 0.080 ms)
 ALL GPU CHECKS PASSED
 """
 
@@ -173,7 +173,7 @@ def test_gpu_harness_report_is_parsed():
     assert report["gpu"] == "NVIDIA H200 (sm_90)" and report["passed"] and not report["no_gpu"]
     assert report["times"] == [{"ndim": 2, "batch": 32, "size": 28, "ms": 0.021},
                                {"ndim": 3, "batch": 2, "size": 64, "ms": 0.150, "fwd": 0.05,
-                                "coords_only": 0.08, "ms64": 0.2}]
+                                "coords_only": 0.08}]
     failed = bg.parse_harness_output(_HARNESS_OK.replace("ALL GPU CHECKS PASSED", "GPU CHECKS FAILED"))
     assert not failed["passed"]
     assert bg.parse_harness_output("NO GPU: the CUDA harness compiled ...\n")["no_gpu"]
@@ -189,8 +189,8 @@ def test_gpu_bench_reports_only_when_the_checks_pass(tmp_path, monkeypatch):
     assert bg.main(["--harness", str(ok), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["ndim"], r["ours_ms"], r["grid_sample_ms"], r["ours_coords_only_ms"],
-             r["ours_64bit_index_ms"]) for r in rows] == [(2, 0.021, None, None, None),
-                                                          (3, 0.15, None, 0.08, 0.2)]
+             r["ours_forward_ms"]) for r in rows] == [(2, 0.021, None, None, None),
+                                                      (3, 0.15, None, 0.08, 0.05)]
     out.unlink()
     bad = _fake_harness(tmp_path, _HARNESS_OK.replace("ALL GPU CHECKS PASSED", "GPU CHECKS FAILED"), 1)
     assert bg.main(["--harness", str(bad), "--out", str(out)]) == 1 and not out.exists()
