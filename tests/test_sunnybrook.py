@@ -10,8 +10,9 @@ import pytest
 
 from data import sunnybrook as sb
 
-from pydicom.dataset import Dataset, FileMetaDataset  # optional extra, installed by .ci/run via .[medical]
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+pytest.importorskip("pydicom", reason="optional extra .[medical] (installed by `make test`)")
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid  # noqa: E402
 
 NATIVE_SPACING = 2.0  # mm, fixtures; converted to 1.5 mm
 OUT_SPACING = 1.5
