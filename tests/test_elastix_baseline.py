@@ -74,7 +74,6 @@ def _ncc(a, b):
 
 
 @pytest.fixture(scope="module")
-@requires_elastix
 def translated_pair_result():
     """A blob moved by 2 rows and -1 column; elastix (gs 8) registers it back."""
     h, w = 32, 36
