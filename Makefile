@@ -22,7 +22,7 @@ TF_ID := $(BUILD_DIR)/tf_id.txt
 TF_MK := $(BUILD_DIR)/tf_flags.mk
 
 # Benchmark scripts run by `make bench` (python -m <module>, from the repo root).
-BENCH_MODULES := experiments.bench_resample experiments.bench_training experiments.bench_registration
+BENCH_MODULES := benchmarks.resample benchmarks.training benchmarks.registration
 
 CORE_HEADERS := ops/resample_core.h ops/resample_functor.h ops/resample_grad_functor.h
 CPU_HEADERS := $(CORE_HEADERS) ops/resample_cpu.h

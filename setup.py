@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         # Readers of medical formats (DICOM, NIfTI) and ITK transform/image interop.
-        "medical": ["pydicom>=2.4", "nibabel>=5", "SimpleITK>=2.3"],
+        "medical": ["pydicom>=3", "nibabel>=5", "SimpleITK>=2.3"],
         # The iterative elastix baseline (also used to check our transform files).
         "baselines": ["itk-elastix"],
         "test": ["pytest"],

@@ -290,17 +290,27 @@ def read_source(path=None):
         return _read_npz(path)
     if fmt == "pickle":
         return _read_pickle(path)
-    return {split: read_hdf5(path, split) for split in SPLITS}
+    try:
+        return {split: read_hdf5(path, split) for split in SPLITS}
+    except MnistDataError as exc:
+        # A bad *source* is not ours to delete or rebuild: say what a source must be.
+        raise MnistDataError(
+            f"The MNIST source {path} is not a readable MNIST HDF5 file "
+            f"({getattr(exc, 'reason', exc)}). Pass a directory of *-idx?-ubyte(.gz) files, a .npz, "
+            "a .pkl.gz, or an HDF5 file written by `python -m data.mnist`."
+        ) from exc
 
 
 # --------------------------------------------------------------------------- HDF5
 
 
 def _corrupt(path, reason):
-    return MnistDataError(
+    error = MnistDataError(
         f"{path} is not a valid MNIST HDF5 file ({reason}). Delete it to rebuild it from the "
         f"source (`python -m data.mnist --out={path} --overwrite`), or pass another --mnist_hdf5."
     )
+    error.reason = reason
+    return error
 
 
 def convert(out=DEFAULT_HDF5, source=None, overwrite=False):
@@ -543,6 +553,32 @@ def save_eval_pairs(path, pairs, hdf5, split="test", seed=0, per_digit=100):
     with open(tmp, "w") as f:
         json.dump(record, f)
     os.replace(tmp, path)
+
+
+def draw_eval_pairs(path, hdf5=DEFAULT_HDF5, digits=tuple(range(10)), per_digit=100, seed=0):
+    """Draw held-out test pairs (:func:`make_eval_pairs`), save them to ``path`` and load them.
+
+    The one way the MNIST evaluation, the elastix baseline and the registration
+    benchmark choose their test pairs.
+
+    Parameters
+    ----------
+    path : str
+        The ``eval_pairs.json`` to write.
+    hdf5 : str
+        The converted MNIST file (its ``test`` split).
+    digits, per_digit, seed
+        As for :func:`make_eval_pairs`.
+
+    Returns
+    -------
+    dict
+        As :func:`load_eval_pairs`.
+    """
+    _, labels, _ = load("test", hdf5)
+    pairs = make_eval_pairs(labels, digits, per_digit, seed=seed)
+    save_eval_pairs(path, pairs, os.path.abspath(hdf5), "test", seed, per_digit)
+    return load_eval_pairs(path)
 
 
 def load_eval_pairs(path, hdf5=None):

@@ -18,7 +18,7 @@ import keras
 
 from dirnet_tf.bspline import bspline_displacement, control_grid_shape, normalize_spacing
 from dirnet_tf.regressor import Regressor
-from dirnet_tf.resample_tf import BOUNDARY_MODES
+from dirnet_tf.resample_op import BOUNDARY_MODES
 from dirnet_tf.warping import warp
 
 __all__ = ["Regressor", "BSplineTransformer", "Resampler"]

@@ -13,6 +13,9 @@ Keras ``(y_true, y_pred)`` order, images ``[B, *spatial, C]``.
 * :func:`folding_penalty` -- mean of ``relu(epsilon - det J)`` with ``J`` the
   finite-difference Jacobian of ``x + u(x)``.
 
+:func:`registration_objective` combines them into the per-pair objective that
+:class:`dirnet_tf.DIRNet` (and so the trainer and ``model.fit``) minimises.
+
 ``reduction="mean"`` (default) averages over the batch to a scalar;
 ``reduction="none"`` returns one value per pair ``[B]``.  All are finite for
 constant images (the correlation of a constant image is defined as 0).
@@ -34,7 +37,9 @@ __all__ = [
     "bending_energy",
     "jacobian_determinant",
     "folding_penalty",
+    "SIMILARITIES",
     "get",
+    "registration_objective",
 ]
 
 
@@ -297,21 +302,73 @@ def folding_penalty(displacement, epsilon=0.0, reduction="mean"):
     return _reduce(values, reduction)
 
 
-_SIMILARITIES = {"ncc": ncc_loss, "local_ncc": local_ncc_loss, "mse": mse_loss}
+# Similarity losses by name: the names of the ``--similarity`` flag.
+SIMILARITIES = {"ncc": ncc_loss, "lncc": local_ncc_loss, "mse": mse_loss}
+# Spelling accepted from configs saved before "lncc" was the only name.
+_RENAMED = {"local_ncc": "lncc"}
 
 
 def get(identifier):
-    """Similarity loss by name (``"ncc"``, ``"local_ncc"``, ``"mse"``) or a callable.
+    """Similarity loss by name (``"ncc"``, ``"lncc"`` -- local NCC, ``"mse"``) or a callable.
 
     Parameters
     ----------
-    identifier : str or callable ``(fixed, warped) -> scalar``.
+    identifier : str or callable ``(fixed, warped, reduction=...) -> loss``.
     """
     if callable(identifier):
         return identifier
     try:
-        return _SIMILARITIES[identifier]
+        return SIMILARITIES[_RENAMED.get(identifier, identifier)]
     except KeyError:
         raise ValueError(
-            f"unknown similarity {identifier!r}; use one of {sorted(_SIMILARITIES)} or a callable"
+            f"unknown similarity {identifier!r}; use one of {sorted(SIMILARITIES)} or a callable"
         ) from None
+
+
+def registration_objective(similarity="ncc", bending_weight=0.0, folding_weight=0.0,
+                           image_shape=None, grid_spacing=None):
+    """The per-pair registration objective (what DIRNet minimises).
+
+    ``loss = similarity(fixed, warped) + bending_weight * bending_energy(control_points)
+    + folding_weight * folding_penalty(displacement)``, in float32.
+
+    Parameters
+    ----------
+    similarity : str or callable
+        A name of :data:`SIMILARITIES` or ``(fixed, warped, reduction="none") -> [B]``.
+    bending_weight, folding_weight : float
+        Regulariser weights (0 = the paper's setting; a term with weight 0 is not computed).
+    image_shape, grid_spacing
+        Needed when ``bending_weight > 0``.
+
+    Returns
+    -------
+    callable
+        ``objective(fixed, outputs) -> (per_pair_loss [B], {name: per_pair_value [B]})``
+        where ``outputs`` is the model's dict (``warped``, and ``control_points`` /
+        ``displacement`` for the regularisers); the parts are ``similarity``, ``ncc``
+        (always, for monitoring) and ``bending_energy`` / ``folding_penalty`` when
+        weighted.
+    """
+    sim_fn = get(similarity)
+    if bending_weight and (image_shape is None or grid_spacing is None):
+        raise ValueError("bending_weight > 0 needs image_shape and grid_spacing")
+
+    def objective(fixed, outputs):
+        fixed = tf.cast(fixed, tf.float32)
+        warped = tf.cast(outputs["warped"], tf.float32)
+        values = sim_fn(fixed, warped, reduction="none")
+        parts = {"similarity": values, "ncc": ncc(fixed, warped)}
+        total = values
+        if bending_weight:
+            be = bending_energy(tf.cast(outputs["control_points"], tf.float32), image_shape,
+                                grid_spacing, reduction="none")
+            parts["bending_energy"] = be
+            total = total + bending_weight * be
+        if folding_weight:
+            fp = folding_penalty(tf.cast(outputs["displacement"], tf.float32), reduction="none")
+            parts["folding_penalty"] = fp
+            total = total + folding_weight * fp
+        return total, parts
+
+    return objective

@@ -33,6 +33,7 @@ __all__ = [
     "mad",
     "jacobian_determinant",
     "folding_fraction",
+    "registration_scores",
 ]
 
 
@@ -287,3 +288,27 @@ def folding_fraction(displacement, spacing=None):
     if batched:
         return (det <= 0).reshape(det.shape[0], -1).mean(axis=1)
     return float((det <= 0).mean())
+
+
+def registration_scores(fixed, warped, displacement, threshold=0.5):
+    """Per-pair scores of a batch of registrations: NCC, foreground Dice, folding.
+
+    Parameters
+    ----------
+    fixed, warped : arrays ``[P, *spatial, C]``.
+    displacement : array ``[P, *spatial, ndim]`` (pixels, ij order).
+    threshold : float
+        Foreground of an image for the Dice: its first channel ``> threshold``.
+
+    Returns
+    -------
+    dict of arrays ``[P]``
+        ``ncc`` (:func:`ncc` of fixed and warped), ``dice`` (mean :func:`dice` of the
+        foregrounds) and ``folding`` (:func:`folding_fraction`).
+    """
+    fixed, warped = _np(fixed), _np(warped)
+    ncc_values = np.array([ncc(f, w) for f, w in zip(fixed, warped)])
+    dice_values = np.array([dice(f[..., 0] > threshold, w[..., 0] > threshold)["mean"]
+                            for f, w in zip(fixed, warped)])
+    folding = np.asarray(folding_fraction(displacement)) if len(fixed) else np.zeros(0)
+    return {"ncc": ncc_values, "dice": dice_values, "folding": folding}

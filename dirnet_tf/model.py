@@ -29,9 +29,10 @@ class DIRNet(keras.Model):
         Regressor settings (see :class:`dirnet_tf.layers.Regressor`); the
         default width is 16.
     similarity : str or callable
-        Similarity loss used by :meth:`registration_loss` (and so by
-        ``fit``): ``"ncc"`` (default, ``-NCC``), ``"local_ncc"``, ``"mse"``
-        or a function ``(fixed, warped) -> scalar``.
+        Similarity loss of the objective (:meth:`objective`, used by the
+        trainer and by ``fit``): ``"ncc"`` (default, ``-NCC``), ``"lncc"``
+        (local NCC), ``"mse"`` or a function ``(fixed, warped,
+        reduction="none") -> [B]``.
     bending_weight : float
         Weight of :func:`dirnet_tf.losses.bending_energy` (default 0, the
         paper's setting).
@@ -62,7 +63,11 @@ class DIRNet(keras.Model):
 
     Training
     --------
-    A custom loop uses :meth:`registration_loss` (or :meth:`loss_terms`).
+    The objective is defined once, by :func:`dirnet_tf.losses.registration_objective`
+    with this model's ``similarity``, ``bending_weight`` and ``folding_weight``
+    (all saved by ``get_config``).  :meth:`objective` gives it per pair (the
+    trainer uses it), :meth:`registration_loss` / :meth:`loss_terms` its batch
+    mean.
     ``model.compile(optimizer)`` without a ``loss`` followed by
     ``model.fit(dataset)`` (elements ``{"fixed": ..., "moving": ...}``) trains
     unsupervised on the same objective.  If ``compile`` is given a ``loss``,
@@ -96,11 +101,11 @@ class DIRNet(keras.Model):
         self.grid_shape = control_grid_shape(self.image_shape, self.grid_spacing)
         self.channels = int(channels)
         self.boundary = boundary
-        if isinstance(similarity, str):
-            _losses.get(similarity)  # validate early
         self.similarity = similarity
         self.bending_weight = float(bending_weight)
         self.folding_weight = float(folding_weight)
+        self._objective = _losses.registration_objective(
+            similarity, self.bending_weight, self.folding_weight, self.image_shape, self.grid_spacing)
         self.passes = int(passes)
         if self.passes < 1:
             raise ValueError(f"passes must be >= 1, got {passes!r}")
@@ -190,8 +195,8 @@ class DIRNet(keras.Model):
             "control_points": control_points,
         }
 
-    def loss_terms(self, fixed, outputs):
-        """The terms of the registration objective (pure; no state is changed).
+    def objective(self, fixed, outputs):
+        """The registration objective per pair (pure; no state is changed).
 
         Parameters
         ----------
@@ -200,36 +205,40 @@ class DIRNet(keras.Model):
 
         Returns
         -------
-        dict of scalars: ``similarity`` (the similarity loss), ``bending``
-        and ``folding`` (unweighted regularisers, computed only when their
-        weight is nonzero, else 0) and ``total`` = similarity +
-        bending_weight * bending + folding_weight * folding.
+        tuple
+            ``(per_pair_loss [B], {name: per_pair_value [B]})``, float32; the parts
+            are ``similarity``, ``ncc`` and, when weighted, ``bending_energy`` and
+            ``folding_penalty`` (see :func:`dirnet_tf.losses.registration_objective`).
         """
-        warped = outputs["warped"]
-        fixed = tf.cast(fixed, warped.dtype)
-        similarity = _losses.get(self.similarity)(fixed, warped)
-        zero = tf.zeros((), similarity.dtype)
-        control_points = tf.cast(outputs["control_points"], warped.dtype)
-        bending = (
-            _losses.bending_energy(control_points, self.image_shape, self.grid_spacing)
-            if self.bending_weight
-            else zero
-        )
-        folding = (
-            _losses.folding_penalty(outputs["displacement"]) if self.folding_weight else zero
-        )
-        total = similarity + self.bending_weight * bending + self.folding_weight * folding
-        return {"similarity": similarity, "bending": bending, "folding": folding, "total": total}
+        return self._objective(fixed, outputs)
+
+    def loss_terms(self, fixed, outputs):
+        """Batch means of the objective and of its parts.
+
+        Parameters
+        ----------
+        fixed : Tensor ``[B, *image_shape, C]``.
+        outputs : dict returned by calling the model.
+
+        Returns
+        -------
+        dict of float32 scalars: ``total`` (the loss to minimise) and the parts of
+        :meth:`objective`.
+        """
+        total, parts = self.objective(fixed, outputs)
+        terms = {k: tf.reduce_mean(v) for k, v in parts.items()}
+        terms["total"] = tf.reduce_mean(total)
+        return terms
 
     def registration_loss(self, fixed, outputs):
-        """Scalar objective to minimise: ``loss_terms(fixed, outputs)["total"]``.
+        """Scalar objective to minimise: the batch mean of :meth:`objective`.
 
         Parameters
         ----------
         fixed : Tensor ``[B, *image_shape, C]``.
         outputs : dict returned by calling the model.
         """
-        return self.loss_terms(fixed, outputs)["total"]
+        return tf.reduce_mean(self.objective(fixed, outputs)[0])
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if self._compile_loss is not None:

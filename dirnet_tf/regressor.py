@@ -37,7 +37,22 @@ import numpy as np
 
 from dirnet_tf.bspline import control_grid_shape, normalize_spacing
 
-__all__ = ["Regressor", "regressor_padding"]
+__all__ = ["Regressor", "regressor_padding", "AUTO_FILTERS", "auto_filters", "auto_convs_per_level"]
+
+# The "auto" widths of the 3x3 convolutions, finest level first; the last entry
+# repeats at every coarser level.
+AUTO_FILTERS = (8, 16, 32)
+
+
+def auto_filters(levels):
+    """The ``"auto"`` widths for ``levels`` resolution levels: :data:`AUTO_FILTERS` for the
+    finest levels, its last entry repeated for every coarser level."""
+    return [AUTO_FILTERS[min(level, len(AUTO_FILTERS) - 1)] for level in range(levels)]
+
+
+def auto_convs_per_level(levels):
+    """The ``"auto"`` convolution counts for ``levels`` levels: one per level, two at the coarsest."""
+    return [1] * (levels - 1) + [2]
 
 
 def _log2_spacing(spacing):
@@ -89,18 +104,21 @@ class Regressor(keras.layers.Layer):
     grid_spacing : int or sequence of int
         Control-point spacing in pixels; powers of two only (``log2 s``
         poolings along each axis).
-    filters : int or sequence of int
+    filters : int, sequence of int or ``"auto"``
         Width of the 3x3 convolutions: one int for all, or one per
         convolution (``max(log2 s) + 1`` of them: one before every pooling
-        and one after the last).
+        and one after the last); ``"auto"``: :func:`auto_filters` (8, 16, then
+        32 at every coarser level).
     pointwise_filters : int or sequence of int or None
         Widths of the hidden 1x1 convolutions; default two of width
         ``filters[-1]``.  The final linear 1x1 layer comes on top.
-    convs_per_level : int or sequence of int
+    convs_per_level : int, sequence of int or ``"auto"``
         Number of 3x3 convolutions (all of that level's width) at each
         resolution level, ``max(log2 s) + 1`` entries: before each pooling
         and after the last.  Default 1 (the paper); extra convolutions at the
         coarse levels add capacity and receptive field at little cost.
+        ``"auto"``: :func:`auto_convs_per_level` (1 per level, 2 at the
+        coarsest).
     batch_norm : bool
         Batch normalisation between every hidden convolution and its
         activation.
@@ -142,8 +160,9 @@ class Regressor(keras.layers.Layer):
         self.grid_shape = control_grid_shape(self.image_shape, self.grid_spacing)
         self.levels = _log2_spacing(self.grid_spacing)
         depth = max(self.levels)
-        self.filters = self._per_level(filters, depth + 1, "filters")
-        self.convs_per_level = self._per_level(convs_per_level, depth + 1, "convs_per_level")
+        self.filters = self._per_level(filters, depth + 1, "filters", auto_filters)
+        self.convs_per_level = self._per_level(convs_per_level, depth + 1, "convs_per_level",
+                                               auto_convs_per_level)
         filters = self.filters
         if pointwise_filters is None:
             pointwise_filters = [filters[-1]] * 2
@@ -211,8 +230,10 @@ class Regressor(keras.layers.Layer):
         """The hidden layers in call order."""
         return [getattr(self, name) for name in self._stack_names]
 
-    def _per_level(self, value, levels, name):
-        """One positive int per resolution level, from an int or a sequence."""
+    def _per_level(self, value, levels, name, auto):
+        """One positive int per resolution level, from an int, a sequence or ``"auto"``."""
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return auto(levels)
         if isinstance(value, (int, np.integer)):
             value = [value] * levels
         value = [int(v) for v in value]

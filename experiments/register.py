@@ -95,23 +95,19 @@ def read_image(path, channels=1):
 
 def load_model(path):
     """Load an exported model; returns ``(serving signature, (H, W), channels)``."""
-    import tensorflow as tf
+    from dirnet_tf.inference import load_export
 
-    import dirnet_tf
-
-    dirnet_tf.load_ops()
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "saved_model.pb")):
         raise RegisterError(f"{path} is not a SavedModel directory (no saved_model.pb); "
                             "export one with `python -m experiments.mnist --export_only`")
-    loaded = tf.saved_model.load(path)
-    if "serving_default" not in loaded.signatures:
-        raise RegisterError(f"{path} has no serving_default signature")
-    fn = loaded.signatures["serving_default"]
+    try:
+        fn, _ = load_export(path)
+    except ValueError as exc:
+        raise RegisterError(str(exc)) from exc
     spec = fn.structured_input_signature[1]
     if set(spec) != {"fixed", "moving"}:
         raise RegisterError(f"{path}: serving_default takes {sorted(spec)}, expected fixed and moving")
     shape = spec["fixed"].shape
-    fn._dirnet_keepalive = loaded  # the signature needs its module alive
     return fn, tuple(int(n) for n in shape[1:-1]), int(shape[-1])
 
 
@@ -172,7 +168,7 @@ def main(argv):
     if FLAGS.figure:
         import matplotlib.pyplot as plt
 
-        from dirnet_tf.training import registration_figure
+        from dirnet_tf.plotting import registration_figure
 
         fig = registration_figure(result["fixed"][None], result["moving"][None], result["warped"][None],
                                   result["displacement"][None])

@@ -8,9 +8,9 @@ import tensorflow as tf
 from scipy import ndimage
 
 from dirnet_tf.layers import Resampler
-from experiments import bench_registration as br
-from experiments import bench_resample as bres
-from experiments import bench_training as bt
+from benchmarks import registration as br
+from benchmarks import resample as bres
+from benchmarks import training as bt
 
 
 def _field(rng, b, shape):
@@ -80,7 +80,7 @@ def test_tiny_training_throughput_run():
     assert "| tiny |" in bt.format_table([r])
 
 
-def test_quality_scores_and_targets():
+def test_quality_scores_and_comparison():
     rng = np.random.default_rng(0)
     fixed = (rng.random((3, 28, 28, 1)) > 0.7).astype(np.float32)
     moving = np.roll(fixed, 2, axis=1)
@@ -102,9 +102,10 @@ def test_quality_scores_and_targets():
             "DIRNet gs=4": {"ms_per_pair": 1.0, "ncc": 0.90, "folding_fraction": 0.01},
             "elastix gs=4": {"ms_per_pair": 80.0, "ncc": 0.97, "folding_fraction": 0.001}}
     t = br.compare(rows)
-    assert t["8"]["speedup"] == pytest.approx(160) and t["8"]["faster_100x"]
-    assert t["8"]["ncc_within_0.01"] and t["8"]["less_folding"]
-    assert not t["4"]["faster_100x"] and not t["4"]["ncc_within_0.01"] and not t["4"]["less_folding"]
+    assert t["8"]["speedup"] == pytest.approx(160) and t["4"]["speedup"] == pytest.approx(80)
+    assert t["8"]["ncc_dirnet_minus_elastix"] == pytest.approx(-0.005)
+    assert t["4"]["ncc_dirnet_minus_elastix"] == pytest.approx(-0.07)
+    assert (t["4"]["folding_dirnet"], t["4"]["folding_elastix"]) == (0.01, 0.001)
 
 
 def test_benchmark_trains_missing_models_with_valid_experiment_flags(tmp_path, monkeypatch):
@@ -168,7 +169,7 @@ def _fake_harness(tmp_path, text, code):
 
 
 def test_gpu_harness_report_is_parsed():
-    from experiments import bench_resample_gpu as bg
+    from benchmarks import resample_gpu as bg
     report = bg.parse_harness_output(_HARNESS_OK)
     assert report["gpu"] == "NVIDIA H200 (sm_90)" and report["passed"] and not report["no_gpu"]
     assert report["times"] == [{"ndim": 2, "batch": 32, "size": 28, "ms": 0.021},
@@ -182,7 +183,7 @@ def test_gpu_harness_report_is_parsed():
 def test_gpu_bench_reports_only_when_the_checks_pass(tmp_path, monkeypatch):
     import json
     import sys
-    from experiments import bench_resample_gpu as bg
+    from benchmarks import resample_gpu as bg
     monkeypatch.setitem(sys.modules, "torch", None)  # as on a machine without PyTorch
     out = tmp_path / "gpu.json"
     ok = _fake_harness(tmp_path, _HARNESS_OK, 0)

@@ -10,6 +10,7 @@ import pytest
 from scipy import ndimage
 
 from data import cardiac_phantom
+from dirnet_tf.warping import warp_labels
 from experiments import cardiac
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,15 +46,16 @@ def test_warp_labels_matches_scipy_reference():
     smooth = [ndimage.gaussian_filter(rng.normal(size=(2, 32, 32)), 4, axes=(1, 2)) for _ in range(2)]
     disp = np.stack(smooth, -1)
     disp *= 3.0 / np.abs(disp).max()  # up to 3 pixels, also across the image edge
-    got = cardiac.warp_labels(labels, disp.astype(np.float32))
-    assert got.shape == labels.shape and got.dtype == np.uint8
+    got = warp_labels(labels, disp.astype(np.float32), cardiac.NUM_LABELS).numpy()
+    assert got.shape == labels.shape and got.dtype == labels.dtype
     for k in range(2):
         ref = _scipy_warp_labels(labels[k], disp[k])
         assert np.mean(got[k] != ref) < 0.003, np.mean(got[k] != ref)
         assert not np.array_equal(got[k], labels[k])
-    np.testing.assert_array_equal(cardiac.warp_labels(labels, np.zeros(labels.shape + (2,), np.float32)), labels)
-    with pytest.raises(ValueError, match="do not match"):
-        cardiac.warp_labels(labels, np.zeros((2, 30, 32, 2), np.float32))
+    np.testing.assert_array_equal(
+        warp_labels(labels, np.zeros(labels.shape + (2,), np.float32), cardiac.NUM_LABELS).numpy(), labels)
+    with pytest.raises(ValueError, match=r"\(30, 32\) must match"):
+        warp_labels(labels, np.zeros((2, 30, 32, 2), np.float32), cardiac.NUM_LABELS)
 
 
 def test_contour_metrics_on_hand_made_squares():

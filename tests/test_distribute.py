@@ -3,7 +3,7 @@ MultiWorkerMirroredStrategy run on 127.0.0.1, and mixed precision.
 
 Each distributed run happens in a fresh subprocess (logical devices and the
 collective runtime must be configured before TensorFlow initialises).  The runs
-train the same tiny DIRNet with :class:`dirnet_tf.training.Trainer` from the same
+train the same tiny DIRNet with :class:`dirnet_tf.trainer.Trainer` from the same
 initial weights on the same global batches; the final weights and the last loss
 must agree with single-device training.
 """
@@ -43,7 +43,8 @@ else:  # a MultiWorkerMirroredStrategy worker; TF_CONFIG is set by the test
 import keras
 import numpy as np
 import dirnet_tf
-from dirnet_tf import training
+from dirnet_tf.pairs import same_group_pair_sampler
+from dirnet_tf.trainer import Trainer
 
 # The Trainer uses Adam, whose steps hardly depend on the gradient's scale: train with plain
 # SGD here so that a wrong cross-replica gradient normalisation changes the weights.
@@ -70,10 +71,9 @@ def graph_op_types(fn):
 result = {"pid": os.getpid()}
 for name, make in strategies.items():
     strategy = make()
-    trainer = training.Trainer(
+    trainer = Trainer(
         lambda: dirnet_tf.DIRNet((16, 16), 4, filters=4),
-        training.make_registration_loss("ncc"),
-        training.same_group_pair_sampler(images, groups, BATCH, seed=5),
+        same_group_pair_sampler(images, groups, BATCH, seed=5),
         os.path.join(logdir, name), steps=STEPS, batch_size=BATCH, learning_rate=float(os.environ["DT_LR"]),
         lr_schedule="constant", strategy=strategy, log_every=1, eval_every=0, checkpoint_every=0,
         seed=1, print_fn=lambda *a: None, config={"strategy": name})
@@ -208,7 +208,6 @@ def test_mixed_precision_dtypes_on_cpu():
     """float16 regressor, float32 B-spline field and resampling; one train step stays close
     to the float32 one from the same weights."""
     import dirnet_tf
-    from dirnet_tf import training
 
     rng = np.random.default_rng(0)
     ii, jj = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
@@ -217,11 +216,11 @@ def test_mixed_precision_dtypes_on_cpu():
     images = images[..., None].astype(np.float32)
     batch = {"fixed": tf.constant(images[:4]), "moving": tf.constant(images[4:])}
 
+    keras.utils.set_random_seed(0)  # the initial weights, whatever ran before in this process
     policy = keras.mixed_precision.dtype_policy()
     try:
         keras.mixed_precision.set_dtype_policy("mixed_float16")
-        mixed = dirnet_tf.DIRNet((16, 16), 4, filters=4)  # as experiments.mnist.build_model does
-        training.keep_float32(mixed)
+        mixed = dirnet_tf.DIRNet((16, 16), 4, filters=4)  # DIRNet keeps its geometry in float32 itself
     finally:
         keras.mixed_precision.set_dtype_policy(policy)
     plain = dirnet_tf.DIRNet((16, 16), 4, filters=4)
@@ -254,7 +253,7 @@ def test_mixed_precision_dtypes_on_cpu():
     np.testing.assert_allclose(out["warped"].numpy(), ref["warped"].numpy(), atol=5e-3)
 
     # Gradients through the loss-scaled float16 path match the float32 ones.
-    loss_fn = training.make_registration_loss("ncc")
+    loss_fn = lambda batch, outputs: plain.objective(batch["fixed"], outputs)  # noqa: E731
     opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.0))
 
     def grads(model, scale):

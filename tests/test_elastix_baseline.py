@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from experiments import elastix_baseline as eb
+from benchmarks import elastix_baseline as eb
 
 requires_elastix = pytest.mark.skipif(not eb.elastix_available(),
                                       reason="needs itk-elastix: pip install -e .[baselines]")

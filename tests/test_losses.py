@@ -179,3 +179,31 @@ def test_jacobian_and_folding_penalty(ndim):
     np.testing.assert_allclose(theoretical[0], numerical[0], atol=1e-5)
     with pytest.raises(ValueError, match="displacement"):
         losses.jacobian_determinant(np.zeros((1, 4, 4, 3)))
+
+
+def test_registration_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    fixed = rng.random((3, 8, 8, 1)).astype(np.float32)
+    warped = rng.random((3, 8, 8, 1)).astype(np.float32)
+    cps = rng.normal(size=(3,) + dirnet_tf.control_grid_shape((8, 8), 4) + (2,)).astype(np.float32)
+    out = {"warped": warped, "control_points": cps,
+           "displacement": dirnet_tf.bspline_displacement(cps, (8, 8), 4)}
+    per_pair, parts = losses.registration_objective("ncc")(fixed, out)
+
+    def ncc(a, b):  # the documented definition of dirnet_tf.losses.ncc (eps = 1e-5)
+        a, b = a - a.mean(), b - b.mean()
+        return (a * b).mean() / np.sqrt((a * a).mean() * (b * b).mean() + 1e-5)
+
+    ref = np.array([ncc(f, w) for f, w in zip(fixed, warped)])
+    np.testing.assert_allclose(parts["ncc"].numpy(), ref, atol=1e-4)
+    np.testing.assert_allclose(per_pair.numpy(), -ref, atol=1e-4)
+    mse, _ = losses.registration_objective("mse")(fixed, out)
+    np.testing.assert_allclose(mse.numpy(), ((fixed - warped) ** 2).mean(axis=(1, 2, 3)), rtol=1e-5)
+    reg, parts = losses.registration_objective("ncc", bending_weight=0.5, folding_weight=2.0,
+                                                 image_shape=(8, 8), grid_spacing=4)(fixed, out)
+    np.testing.assert_allclose(
+        reg.numpy(), -ref + 0.5 * parts["bending_energy"].numpy() + 2.0 * parts["folding_penalty"].numpy(),
+        rtol=1e-5, atol=1e-5)
+    assert (parts["bending_energy"].numpy() > 0).all()
+    with pytest.raises(ValueError, match="unknown similarity"):
+        losses.registration_objective("nope")

@@ -298,8 +298,8 @@ def test_loss_terms_are_pure_and_weighted():
     bend = dirnet_tf.losses.bending_energy(out["control_points"], shape, 4)
     fold = dirnet_tf.losses.folding_penalty(out["displacement"])
     np.testing.assert_allclose(float(terms["similarity"]), float(sim), rtol=1e-6)
-    np.testing.assert_allclose(float(terms["bending"]), float(bend), rtol=1e-6)
-    np.testing.assert_allclose(float(terms["folding"]), float(fold), rtol=1e-6)
+    np.testing.assert_allclose(float(terms["bending_energy"]), float(bend), rtol=1e-6)
+    np.testing.assert_allclose(float(terms["folding_penalty"]), float(fold), rtol=1e-6)
     np.testing.assert_allclose(float(terms["total"]), float(sim + 0.5 * bend + 2.0 * fold),
                                rtol=1e-5)
     assert float(bend) > 0
@@ -309,7 +309,7 @@ def test_loss_terms_are_pure_and_weighted():
 def test_keras_round_trip_2d(tmp_path):
     shape = (24, 20)
     model = dirnet_tf.DIRNet(shape, (8, 4), boundary="zeros", filters=[4, 6, 8, 8],
-                             pointwise_filters=[5, 3], batch_norm=True, similarity="local_ncc",
+                             pointwise_filters=[5, 3], batch_norm=True, similarity="lncc",
                              bending_weight=0.1)
     _randomize_output_layer(model)
     fixed, moving = _pair(shape, seed=4)
@@ -323,7 +323,7 @@ def test_keras_round_trip_2d(tmp_path):
     loaded = keras.models.load_model(path)
     assert isinstance(loaded, dirnet_tf.DIRNet)
     assert loaded.image_shape == shape and loaded.grid_spacing == (8, 4)
-    assert loaded.boundary == "zeros" and loaded.similarity == "local_ncc"
+    assert loaded.boundary == "zeros" and loaded.similarity == "lncc"
     assert loaded.bending_weight == 0.1
     a = model({"fixed": fixed, "moving": moving})
     b = loaded({"fixed": fixed, "moving": moving})

@@ -10,7 +10,7 @@ from PIL import Image
 from scipy import ndimage
 
 import dirnet_tf
-from dirnet_tf import training
+from dirnet_tf.inference import export_saved_model
 from experiments import register
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +23,7 @@ def export_dir(tmp_path_factory):
     for v in model.regressor.trainable_variables[-2:]:  # a non-trivial deformation
         v.assign(rng.normal(0, 0.5, v.shape).astype(np.float32))
     path = str(tmp_path_factory.mktemp("model") / "export")
-    training.export_saved_model(model, path, (28, 28), 1)
+    export_saved_model(model, path, (28, 28), 1)
     return path
 
 

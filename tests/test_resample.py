@@ -14,8 +14,8 @@ import tensorflow as tf
 from scipy import ndimage
 
 import dirnet_tf
-from dirnet_tf.resample_tf import resample_tf
-from dirnet_tf.resampling import load_ops
+from dirnet_tf.resample_pure_tf import resample_pure_tf as resample_tf
+from dirnet_tf.resample_op import load_ops
 
 SCIPY_MODE = {"zeros": "grid-constant", "border": "nearest"}
 HOSTILE = [np.nan, np.inf, -np.inf, 1e30, -1e30, 3e9, -3e9]

@@ -18,12 +18,10 @@ Before timing, one step of each variant is checked to give the same loss.
 
 Command line (from the repository root)::
 
-    python -m experiments.bench_training                     # 2-D MNIST sizes + one 3-D case
-    python -m experiments.bench_training --cases=2d:32,2d:128 --rounds=7 --out=bench_training.json
+    python -m benchmarks.training                     # 2-D MNIST sizes + one 3-D case
+    python -m benchmarks.training --cases=2d:32,2d:128 --rounds=7 --out=bench_training.json
 """
 
-import argparse
-import json
 import os
 import platform
 import sys
@@ -33,9 +31,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from absl import flags
+
 import dirnet_tf
+from benchmarks import cli
+from dirnet_tf.files import write_json
 from dirnet_tf.layers import Resampler
-from dirnet_tf.resample_tf import resample_tf
+from dirnet_tf.resample_pure_tf import resample_pure_tf as resample_tf
 from dirnet_tf.warping import identity_grid
 
 VARIANTS = ("op", "pure_tf", "pure_tf_xla")
@@ -99,7 +101,7 @@ def _images(image_shape, count, seed):
             rng = np.random.default_rng(seed)
             return images[rng.choice(len(images), count, replace=False)], "MNIST train"
         except Exception as exc:  # noqa: BLE001 - fall back to synthetic images
-            print(f"[bench_training] MNIST unavailable ({exc}); using synthetic images", flush=True)
+            print(f"[benchmarks.training] MNIST unavailable ({exc}); using synthetic images", flush=True)
     from scipy import ndimage  # noqa: PLC0415
 
     rng = np.random.default_rng(seed)
@@ -246,33 +248,40 @@ def format_table(results):
     return "\n".join(lines)
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("cases", "2d:32,2d:128,3d:1:32", "Comma list of 2d:BATCH[:SIZE] / 3d:BATCH[:SIZE].",
+                    flag_values=FLAGS)
+flags.DEFINE_string("variants", ",".join(VARIANTS), f"Subset of {VARIANTS}.", flag_values=FLAGS)
+flags.DEFINE_integer("grid_spacing", 8, "B-spline control-point spacing.", flag_values=FLAGS)
+flags.DEFINE_integer("filters", 32, "Regressor width.", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 10, "Train steps per variant per round.", flag_values=FLAGS)
+flags.DEFINE_integer("rounds", 5, "Interleaved rounds (median reported).", flag_values=FLAGS)
+flags.DEFINE_string("out", os.path.join("runs", "bench", "bench_training.json"), "JSON output.",
+                    flag_values=FLAGS)
+
+
 def main(argv=None):
-    """``python -m experiments.bench_training``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", default="2d:32,2d:128,3d:1:32",
-                        help="comma list of 2d:BATCH[:SIZE] / 3d:BATCH[:SIZE]")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {VARIANTS}")
-    parser.add_argument("--grid_spacing", type=int, default=8)
-    parser.add_argument("--filters", type=int, default=32, help="regressor width (MNIST default 32)")
-    parser.add_argument("--steps", type=int, default=10, help="train steps per variant per round")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
-    parser.add_argument("--out", default=os.path.join("runs", "bench", "bench_training.json"))
-    args = parser.parse_args(argv)
+    """``python -m benchmarks.training`` (``argv``: the arguments after the program name)."""
+    argv = cli.parse(FLAGS, "benchmarks.training", argv)
+    if argv is None:
+        return 2
+    args = FLAGS
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
-    if bad or not variants:
-        parser.error(f"--variants must be a subset of {VARIANTS}, got {args.variants!r}")
     try:
+        if bad or not variants:
+            raise ValueError(f"--variants must be a subset of {VARIANTS}, got {args.variants!r}")
         cases = [parse_case(c) for c in args.cases.split(",") if c.strip()]
     except ValueError as exc:
-        parser.error(str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     dirnet_tf.load_ops()
 
     machine = machine_description()
-    print(f"[bench_training] {machine}", flush=True)
+    print(f"[benchmarks.training] {machine}", flush=True)
     results = []
     for case in cases:
-        print(f"[bench_training] {case['name']}: {', '.join(variants)} x {args.rounds} rounds of "
+        print(f"[benchmarks.training] {case['name']}: {', '.join(variants)} x {args.rounds} rounds of "
               f"{args.steps} steps", flush=True)
         r = bench_case(case, variants, args.grid_spacing, args.filters, args.steps, args.rounds)
         for v, s in r["variants"].items():
@@ -281,15 +290,12 @@ def main(argv=None):
         results.append(r)
     table = format_table(results)
     print("\n" + table)
-    record = {"machine": machine, "command": "python -m experiments.bench_training "
-              + " ".join(argv if argv is not None else sys.argv[1:]),
+    record = {"machine": machine, "command": "python -m benchmarks.training " + " ".join(argv),
               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "results": results,
               "table": table}
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=2)
-        print(f"[bench_training] wrote {args.out}")
+        write_json(args.out, record)
+        print(f"[benchmarks.training] wrote {args.out}")
     return 0
 
 

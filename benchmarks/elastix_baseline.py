@@ -19,18 +19,17 @@ boundary="zeros")`` up to float rounding.
 
 Python::
 
-    from experiments.elastix_baseline import ElastixRegistration
+    from benchmarks.elastix_baseline import ElastixRegistration
     reg = ElastixRegistration(grid_spacing=8)          # threads from settings.json
     out = reg.register_batch(fixed, moving)            # [N, 28, 28, 1] each
     out["warped"], out["displacement"], out["seconds"]
 
 Command line (from the repository root), on held-out MNIST test pairs::
 
-    python -m experiments.elastix_baseline --grid_spacing=8 --num_pairs=20
-    python -m experiments.elastix_baseline --grid_spacing=4 --pairs=logs/mnist/eval_pairs.json
+    python -m benchmarks.elastix_baseline --grid_spacing=8 --num_pairs=20
+    python -m benchmarks.elastix_baseline --grid_spacing=4 --pairs=logs/mnist/eval_pairs.json
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -40,6 +39,12 @@ import time
 import weakref
 
 import numpy as np
+from absl import flags
+
+from benchmarks import cli
+from data import mnist
+from dirnet_tf import metrics
+from dirnet_tf.files import write_json
 
 BASELINE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "baselines", "elastix")
@@ -276,15 +281,6 @@ class ElastixRegistration:
 # --------------------------------------------------------------------------- command line
 
 
-def _ncc(a, b):
-    """Per-pair global NCC of ``[N, ...]`` arrays (numpy, for the console summary)."""
-    a = a.reshape(len(a), -1).astype(np.float64)
-    b = b.reshape(len(b), -1).astype(np.float64)
-    a = a - a.mean(1, keepdims=True)
-    b = b - b.mean(1, keepdims=True)
-    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-12)
-
-
 def interleave_digits(digits):
     """Order pair indices so that every prefix covers the classes evenly.
 
@@ -306,31 +302,30 @@ def interleave_digits(digits):
     return np.lexsort((digits, rank))
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("grid_spacing", 8, "8 or 4 (the committed parameter files).", flag_values=FLAGS)
+flags.DEFINE_integer("threads", None, "Threads per registration (default: baselines/elastix/settings.json).",
+                     flag_values=FLAGS)
+flags.DEFINE_string("parameter_file", None, "Use this elastix parameter file.", flag_values=FLAGS)
+flags.DEFINE_string("pairs", None, "eval_pairs.json saved by the MNIST evaluation (default: draw the "
+                    "MNIST evaluation's pairs into runs/bench/eval_pairs.json).", flag_values=FLAGS)
+flags.DEFINE_string("hdf5", None, "MNIST HDF5 file (default: data.mnist's).", flag_values=FLAGS)
+flags.DEFINE_integer("num_pairs", 20, "Use the first N pairs, spread over the digits (0: all).",
+                     flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Write a JSON summary here.", flag_values=FLAGS)
+
+
 def main(argv=None):
-    """``python -m experiments.elastix_baseline``: register held-out MNIST test pairs."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--grid_spacing", type=int, default=8, help="8 or 4 (committed files)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads per registration (default: baselines/elastix/settings.json)")
-    parser.add_argument("--parameter_file", default=None, help="use this elastix parameter file")
-    parser.add_argument("--pairs", default=None,
-                        help="eval_pairs.json saved by the MNIST evaluation (default: draw pairs)")
-    parser.add_argument("--hdf5", default=None, help="MNIST HDF5 file (default: data.mnist's)")
-    parser.add_argument("--num_pairs", type=int, default=20,
-                        help="use the first N pairs, spread over the digits (0: all)")
-    parser.add_argument("--out", default=None, help="write a JSON summary here")
-    args = parser.parse_args(argv)
-
-    from data import mnist  # noqa: PLC0415 - run from the repository root
-
-    hdf5 = args.hdf5 or mnist.DEFAULT_HDF5
+    """``python -m benchmarks.elastix_baseline``: register held-out MNIST test pairs."""
+    if cli.parse(FLAGS, "benchmarks.elastix_baseline", argv) is None:
+        return 2
+    args = FLAGS
     if args.pairs:
         record = mnist.load_eval_pairs(args.pairs, hdf5=args.hdf5)
-        fixed, moving, digits = record["fixed"], record["moving"], record["digits"]
     else:
-        images, labels, _ = mnist.load("test", hdf5=hdf5)
-        pairs = np.asarray(mnist.make_eval_pairs(labels, per_digit=100, seed=0))
-        fixed, moving, digits = images[pairs[:, 0]], images[pairs[:, 1]], pairs[:, 2]
+        record = mnist.draw_eval_pairs(os.path.join("runs", "bench", "eval_pairs.json"),
+                                       args.hdf5 or mnist.DEFAULT_HDF5)
+    fixed, moving, digits = record["fixed"], record["moving"], record["digits"]
     if args.num_pairs:
         # Interleave the digits so that a prefix covers every class.
         order = interleave_digits(digits)[:args.num_pairs]
@@ -339,7 +334,8 @@ def main(argv=None):
     reg = ElastixRegistration(args.grid_spacing, threads=args.threads,
                               parameter_file=args.parameter_file)
     out = reg.register_batch(fixed, moving, compute_displacement=False)
-    before, after = _ncc(fixed, moving), _ncc(fixed, out["warped"])
+    before = np.array([metrics.ncc(f, m) for f, m in zip(fixed, moving)])
+    after = np.array([metrics.ncc(f, w) for f, w in zip(fixed, out["warped"])])
     summary = {
         "grid_spacing": args.grid_spacing, "threads": reg.threads,
         "parameter_file": os.path.relpath(reg.parameter_file), "pairs": int(len(fixed)),
@@ -352,8 +348,7 @@ def main(argv=None):
           f"{summary['ms_per_pair_median']:.1f} ms/pair (median; mean "
           f"{summary['ms_per_pair_mean']:.1f})")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json(args.out, summary)
     return 0
 
 

@@ -30,11 +30,10 @@ fresh random order (interleaved), and the table reports the median over rounds
 of the per-call time in milliseconds.  The table is printed (markdown) and
 written with all samples to a JSON file.
 
-Run from the repository root: ``python -m experiments.bench_resample``
+Run from the repository root: ``python -m benchmarks.resample``
 (``--help`` for options; ``make bench`` runs it with the defaults).
 """
 
-import argparse
 import json
 import os
 import platform
@@ -50,8 +49,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from absl import flags  # noqa: E402
+
 import dirnet_tf  # noqa: E402
-from dirnet_tf.resample_tf import resample_tf  # noqa: E402
+from benchmarks import cli  # noqa: E402
+from dirnet_tf.resample_pure_tf import resample_pure_tf as resample_tf  # noqa: E402
 
 CASES = {
     "2d-28": dict(batch=32, spatial=(28, 28), label="2-D B=32 28x28"),
@@ -306,20 +308,26 @@ def format_table(results):
     return "\n".join(lines)
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("cases", ",".join(CASES), f"Comma-separated subset of {list(CASES)}.", flag_values=FLAGS)
+flags.DEFINE_integer("rounds", 15, "Interleaved rounds.", flag_values=FLAGS)
+flags.DEFINE_float("target_ms", 30.0, "Approximate duration of one timing sample.", flag_values=FLAGS)
+flags.DEFINE_integer("loop", 16, "Iterations per tf.function call of the *-loop methods.", flag_values=FLAGS)
+flags.DEFINE_string("skip", "", "Comma-separated methods to leave out.", flag_values=FLAGS)
+flags.DEFINE_string("json", os.path.join("runs", "bench", "bench_resample.json"), "Where to write all results.",
+                    flag_values=FLAGS)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default=",".join(CASES),
-                        help=f"comma-separated subset of {list(CASES)}")
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
-    parser.add_argument("--target_ms", type=float, default=30.0,
-                        help="approximate duration of one timing sample")
-    parser.add_argument("--loop", type=int, default=16,
-                        help="iterations per tf.function call of the *-loop methods")
-    parser.add_argument("--skip", default="", help="comma-separated methods to leave out")
-    parser.add_argument("--json", default=os.path.join("runs", "bench", "bench_resample.json"),
-                        help="where to write all results")
-    args = parser.parse_args(argv)
+    """``python -m benchmarks.resample`` (``argv``: the arguments after the program name)."""
+    if cli.parse(FLAGS, "benchmarks.resample", argv) is None:
+        return 2
+    args = FLAGS
     skip = {s for s in args.skip.split(",") if s}
+    unknown = [c for c in args.cases.split(",") if c and c not in CASES]
+    if unknown:
+        print(f"error: unknown cases {unknown}; known: {list(CASES)}", file=sys.stderr)
+        return 2
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -340,8 +348,6 @@ def main(argv=None):
         env["torch_threads"] = torch.get_num_threads()
     results = {}
     for name in [c for c in args.cases.split(",") if c]:
-        if name not in CASES:
-            parser.error(f"unknown case {name!r}; known: {list(CASES)}")
         log(f"case {CASES[name]['label']}")
         results[name] = run_case(name, CASES[name], args.rounds, args.target_ms / 1e3, skip,
                                  args.loop, log)
@@ -353,7 +359,8 @@ def main(argv=None):
             json.dump({"environment": env, "rounds": args.rounds, "loop": args.loop, "cases": CASES,
                        "results": results}, f, indent=1)
         log(f"wrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

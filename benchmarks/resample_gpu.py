@@ -11,7 +11,7 @@ kernels from C++; the grid_sample timings include PyTorch's dispatch between
 kernels, which dominates at small sizes.
 Prints a table and writes JSON::
 
-    make test-gpu && python -m experiments.bench_resample_gpu
+    make test-gpu && python -m benchmarks.resample_gpu
 
 Only the standard library, numpy and (when installed) torch are imported, so it
 runs where TensorFlow is not installed.

@@ -1,11 +1,11 @@
-"""``dirnet_tf.resample``: multilinear resampling through the compiled op.
+"""``dirnet_tf.resample``: multilinear resampling through the compiled C++/CUDA op.
 
 The compiled library (``dirnet_tf/_resample_ops.so``, built by ``make build-ops``)
 registers ``Dirnet>Resample`` and its gradient op ``Dirnet>ResampleGrad``.  This
 module loads it exactly once, registers the Python gradient and wraps the op
 with argument checking.  Inside XLA-compiled functions, where a custom op
 cannot run, the equivalent stock-TF formulation from
-:mod:`dirnet_tf.resample_tf` is used instead (same values, same gradients).
+:mod:`dirnet_tf.resample_pure_tf` is used instead (same values, same gradients).
 """
 
 import os
@@ -14,8 +14,9 @@ import threading
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
-from dirnet_tf.resample_tf import BOUNDARY_MODES, resample_tf
 
+# Boundary modes of the op (its ``boundary`` attribute).
+BOUNDARY_MODES = ("zeros", "border")
 _LIBRARY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_resample_ops.so")
 _BUILD_HINT = (
     "Build it from the repository root with `make build-ops` (it needs the "
@@ -36,12 +37,21 @@ def _try_load():
             _load_error = f"The compiled resampler {_LIBRARY_FILE} does not exist. {_BUILD_HINT}"
             return
         try:
-            _module = tf.load_op_library(_LIBRARY_FILE)
+            module = tf.load_op_library(_LIBRARY_FILE)
         except Exception as exc:  # noqa: BLE001 - any loader failure means "rebuild"
             _load_error = (
                 f"Could not load the compiled resampler {_LIBRARY_FILE} "
                 f"(it was probably built for another TensorFlow version): {exc}. {_BUILD_HINT}"
             )
+            return
+        # A shared library that loads but does not register our ops (a stale or foreign
+        # file under that name) must fail here, not as an AttributeError later.
+        missing = [name for name in ("dirnet_resample", "dirnet_resample_grad") if not hasattr(module, name)]
+        if missing:
+            _load_error = (f"{_LIBRARY_FILE} loads but does not define the ops {missing}: it is not this "
+                           f"package's resampler. {_BUILD_HINT}")
+            return
+        _module = module
 
 
 def load_ops():
@@ -65,12 +75,6 @@ def load_ops():
     if _module is None:
         raise RuntimeError(_load_error)
     return _module
-
-
-def ops_available():
-    """True when the compiled op loaded."""
-    _try_load()
-    return _module is not None
 
 
 @tf.RegisterGradient("Dirnet>Resample")
@@ -156,7 +160,10 @@ def resample(image, coords, boundary="zeros"):
     coords = tf.convert_to_tensor(coords)
     _check_arguments(image, coords, boundary)
     if _in_xla_context():
-        return resample_tf(image, coords, boundary)
+        # Imported here: resample_pure_tf imports BOUNDARY_MODES from this module.
+        from dirnet_tf.resample_pure_tf import resample_pure_tf
+
+        return resample_pure_tf(image, coords, boundary)
     return load_ops().dirnet_resample(image, coords, boundary=boundary)
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks (speed and registration quality against baselines); each module runs with ``python -m benchmarks.NAME``."""

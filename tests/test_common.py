@@ -1,0 +1,68 @@
+"""experiments.common (flags, DIRNet from flags) and the regressor's "auto" rules it relies on."""
+
+import ast
+import glob
+import json
+import os
+
+import pytest
+
+from dirnet_tf.files import write_json
+from dirnet_tf.regressor import AUTO_FILTERS, Regressor, auto_convs_per_level, auto_filters
+from experiments import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_parse_int_list_and_json_file(tmp_path):
+    assert common.parse_int_list("32") == 32
+    assert common.parse_int_list("8, 16,32") == [8, 16, 32]
+    assert common.parse_int_list("") is None
+    with pytest.raises(ValueError, match="comma list"):
+        common.parse_int_list("8,x")
+    path = write_json(str(tmp_path / "d" / "flags.json"), {"b": 1, "a": "x"})
+    with open(path) as f:
+        assert json.load(f) == {"a": "x", "b": 1}
+    assert os.listdir(tmp_path / "d") == ["flags.json"]  # no temporary file left
+
+
+def test_auto_regressor_rules_fit_every_grid_spacing():
+    for spacing in (1, 2, 4, 8, 16):
+        levels = {1: 1, 2: 2, 4: 3, 8: 4, 16: 5}[spacing]
+        reg = Regressor((32, 32), spacing, filters="auto", convs_per_level="auto")
+        assert reg.filters == auto_filters(levels) and reg.convs_per_level == auto_convs_per_level(levels)
+        assert len(reg.filters) == levels and reg.convs_per_level[-1] == 2
+        assert set(reg.convs_per_level[:-1]) <= {1} and reg.filters[0] == AUTO_FILTERS[0]
+        assert all(w == AUTO_FILTERS[-1] for w in reg.filters[len(AUTO_FILTERS):])
+    assert auto_filters(4) == [8, 16, 32, 32] and auto_convs_per_level(4) == [1, 1, 1, 2]
+    assert Regressor((28, 28), 8, filters="16,32,48,48".split(",")).filters == [16, 32, 48, 48]
+    with pytest.raises(ValueError, match="filters must be"):
+        Regressor((28, 28), 8, filters=[8, 16])
+
+
+def test_build_dirnet_takes_regressor_and_objective_from_the_flags():
+    for spacing in (4, 8):
+        config = {"grid_spacing": spacing, "filters": "auto", "convs_per_level": "auto", "passes": 2,
+                  "similarity": "lncc", "bending_weight": 0.25, "folding_weight": 3.0}
+        model = common.build_dirnet((28, 28), config)
+        levels = {4: 3, 8: 4}[spacing]
+        assert model.regressor.filters == auto_filters(levels)
+        assert model.regressor.convs_per_level == auto_convs_per_level(levels)
+        assert model.passes == 2
+        # The objective the trainer optimises is the one the saved config records.
+        saved = model.get_config()
+        assert (saved["similarity"], saved["bending_weight"], saved["folding_weight"]) == ("lncc", 0.25, 3.0)
+    model = common.build_dirnet((28, 28), {"grid_spacing": 8, "filters": "4,4,8,8"})
+    assert model.regressor.filters == [4, 4, 8, 8] and model.similarity == "ncc"
+
+
+def test_library_does_not_import_absl():
+    """absl (command-line flags) belongs to the entry points, never to the library."""
+    offenders = []
+    for path in glob.glob(os.path.join(ROOT, "dirnet_tf", "*.py")):
+        tree = ast.parse(open(path).read())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{os.path.basename(path)}: {n}" for n in names if n.split(".")[0] == "absl"]
+    assert not offenders

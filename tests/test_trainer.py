@@ -1,0 +1,149 @@
+"""dirnet_tf.trainer: resume, NaN guard, steps per call and XLA, mixed precision, best checkpoint."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import ndimage
+
+import dirnet_tf
+from dirnet_tf.pairs import same_group_pair_sampler
+from dirnet_tf.trainer import Trainer, TrainingDivergedError
+
+SHAPE = (16, 16)
+
+
+def _images(n=40, seed=0):
+    """Blobs at random positions: enough structure for NCC to have gradients."""
+    rng = np.random.default_rng(seed)
+    ii, jj = np.meshgrid(np.arange(SHAPE[0]), np.arange(SHAPE[1]), indexing="ij")
+    centres = rng.uniform(5, 11, (n, 2))
+    widths = rng.uniform(1.5, 3.0, n)
+    images = np.exp(-((ii - centres[:, 0, None, None]) ** 2 + (jj - centres[:, 1, None, None]) ** 2)
+                    / (2 * widths[:, None, None] ** 2))
+    return images[..., None].astype(np.float32), rng.integers(0, 3, n)
+
+
+
+def _model():
+    return dirnet_tf.DIRNet(SHAPE, 4, filters=4)
+
+
+
+def _trainer(logdir, steps, sampler=None, **kw):
+    images, groups = _images()
+    sampler = sampler or same_group_pair_sampler(images, groups, 4, seed=3)
+    kw = dict(dict(lr_schedule="constant", log_every=2, checkpoint_every=2), **kw)
+    return Trainer(_model, sampler, str(logdir), steps=steps, batch_size=4, learning_rate=1e-2,
+                   eval_every=0, seed=1, print_fn=lambda *a: None, **kw)
+
+
+
+def _weights(trainer):
+    return [v.numpy() for v in trainer.model.weights]
+
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    straight = _trainer(tmp_path / "a", 6)
+    result = straight.train()
+    assert result["step"] == 6 and result["resumed_from"] is None and np.isfinite(result["last_loss"])
+
+    first = _trainer(tmp_path / "b", 3, config={"steps": 3, "seed": 1})
+    first.train()
+    assert int(first.step.numpy()) == 3
+    with open(tmp_path / "b" / "flags.json") as f:
+        assert json.load(f) == {"steps": 3, "seed": 1}
+    resumed = _trainer(tmp_path / "b", 6)
+    result = resumed.train()
+    assert result["resumed_from"].endswith("ckpt-3")
+    assert result["step"] == 6
+    assert resumed.manager.latest_checkpoint.endswith("ckpt-6")
+    for a, b in zip(_weights(straight), _weights(resumed)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # the run moved away from the initial weights (so the comparison means something)
+    fresh = _trainer(tmp_path / "c", 0)
+    assert max(np.abs(a - b).max() for a, b in zip(_weights(fresh), _weights(straight))) > 1e-3
+    # --noresume starts again from step 0
+    again = _trainer(tmp_path / "b", 2, resume=False)
+    assert again.train()["step"] == 2
+
+
+
+def test_steps_per_execution_and_xla_step_train_the_same_model(tmp_path):
+    """Several steps per tf.function call, and the XLA-compiled step (which swaps the
+    op for its pure-TF twin), follow the one-step-per-call trajectory."""
+    runs = {}
+    for name, kw in {"one": dict(steps_per_execution=1), "five": dict(steps_per_execution=5),
+                     "xla": dict(steps_per_execution=5, jit_compile=True)}.items():
+        trainer = _trainer(tmp_path / name, 7, log_every=100, checkpoint_every=100, **kw)
+        calls = []
+        step_fn = trainer._make_train_step()
+
+        def counting(iterator, n, step_fn=step_fn, calls=calls):
+            calls.append(int(n))
+            return step_fn(iterator, n)
+
+        trainer._train_step = counting
+        summary = trainer.train()
+        assert summary["step"] == 7 and int(trainer.step.numpy()) == 7
+        runs[name] = (_weights(trainer), calls, _dirnet_ops(step_fn))
+    assert runs["one"][1] == [1] * 7
+    assert runs["five"][1] == [5, 2] and runs["xla"][1] == [5, 2]  # never past the end
+    fresh = _weights(_trainer(tmp_path / "fresh", 0))
+    assert max(np.abs(a - b).max() for a, b in zip(fresh, runs["one"][0])) > 1e-3
+    for other in ("five", "xla"):
+        for a, b in zip(runs["one"][0], runs[other][0]):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    # the plain step runs the compiled op; inside XLA the pure-TF twin replaces it
+    assert "Dirnet>Resample" in runs["five"][2] and "Dirnet>ResampleGrad" in runs["five"][2]
+    assert not runs["xla"][2]
+
+
+
+def _dirnet_ops(fn):
+    found = set()
+    for concrete in fn._list_all_concrete_functions():
+        graph = concrete.graph.as_graph_def()
+        nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+        found.update(n.op for n in nodes if n.op.startswith("Dirnet"))
+    return found
+
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    images, groups = _images()
+    good = same_group_pair_sampler(images, groups, 4, seed=0)
+
+    def poisoned(step):
+        batch = good(step)
+        poison = tf.where(step >= 4, np.float32(np.nan), np.float32(0.0))
+        return {"fixed": batch["fixed"] + poison, "moving": batch["moving"]}
+
+    trainer = _trainer(tmp_path, 10, sampler=poisoned)
+    with pytest.raises(TrainingDivergedError, match=r"nan at step 5.*ckpt-4"):
+        trainer.train()
+    assert trainer.manager.latest_checkpoint.endswith("ckpt-4")
+    assert not any(name.startswith("ckpt-5") for name in os.listdir(tmp_path))
+
+
+
+def test_mixed_precision_is_dtype_correct_on_cpu(tmp_path):
+    trainer = _trainer(tmp_path, 2, mixed_precision=True)
+    assert trainer.model.regressor.compute_dtype == "float16"
+    assert all(v.dtype == "float32" for v in trainer.model.trainable_variables)
+    assert keras_policy_name() == "float32"  # the global policy is restored
+    result = trainer.train()
+    assert np.isfinite(result["last_loss"])
+    images, _ = _images(4)
+    out = trainer.model({"fixed": images[:2], "moving": images[2:]})
+    assert out["warped"].dtype == tf.float32 and out["displacement"].dtype == tf.float32
+
+
+
+def keras_policy_name():
+    import keras
+
+    return keras.mixed_precision.dtype_policy().name
