@@ -4,8 +4,18 @@ Forward values are compared with ``scipy.ndimage.map_coordinates(order=1)``;
 gradients with ``tf.test.compute_gradient`` (off integer coordinates), with
 one-sided forward differences of the scipy reference (on integer coordinates,
 where the contract asks for the right-sided derivative), and with a numpy
-scatter reference for the image gradient.
+scatter reference for the image gradient.  Larger batches, whose items the CPU
+kernel shares out to several threads, are checked against a vectorised numpy
+reference of the value and both gradients (``ref_bilinear``).
 """
+
+import functools
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import zlib
 
 import keras
 import numpy as np
@@ -15,7 +25,7 @@ from scipy import ndimage
 
 import dirnet_tf
 from dirnet_tf.resample_pure_tf import resample_pure_tf as resample_tf
-from dirnet_tf.resample_op import load_ops
+from dirnet_tf import load_ops
 
 SCIPY_MODE = {"zeros": "grid-constant", "border": "nearest"}
 HOSTILE = [np.nan, np.inf, -np.inf, 1e30, -1e30, 3e9, -3e9]
@@ -407,3 +417,256 @@ def test_keras_layer_trains(jit_compile):
     assert after < 0.2 * before
     shift = model.layers[-1].shift.numpy()
     np.testing.assert_allclose(shift, [-1.0, 0.5], atol=0.25)
+
+
+# ------------------------------- CPU backward: batch items shared out to threads
+
+
+def ref_bilinear(image, coords, grad_out, boundary):
+    """Vectorised numpy reference of the value and both gradients of the op.
+
+    Written from the contract, corner by corner: the value is the sum of the
+    corner values times the products of the per-axis weights; the image
+    gradient scatters ``weight * grad_out`` to the corners; the coordinate
+    gradient along axis d replaces axis d's weights ``(1 - t, t)`` by their
+    derivatives ``(-1, 1)`` (times 0 outside ``[0, n-1]`` in border mode).
+
+    Parameters
+    ----------
+    image : ndarray ``[B, *spatial, C]``.
+    coords : ndarray ``[B, *out_points, ndim]``, finite.
+    grad_out : ndarray ``[B, *out_points, C]``, the upstream gradient.
+    boundary : ``"zeros"`` or ``"border"``.
+
+    Returns
+    -------
+    (value, grad_image, grad_coords), shaped like the output, image and coords.
+    """
+    image = np.asarray(image, np.float64)
+    coords = np.asarray(coords, np.float64)
+    grad_out = np.asarray(grad_out, np.float64)
+    batch, spatial, channels = image.shape[0], image.shape[1:-1], image.shape[-1]
+    ndim = len(spatial)
+    x = coords.reshape(batch, -1, ndim)
+    g = grad_out.reshape(batch, -1, channels)
+    lines, weights, slopes, valid = [], [], [], []  # per axis: (low, high) pairs
+    for d, n in enumerate(spatial):
+        xd = x[..., d]
+        if boundary == "border":
+            inside = ((xd >= 0) & (xd <= n - 1)).astype(np.float64)
+            xc = np.clip(xd, 0, n - 1)
+            low = np.floor(xc).astype(np.int64)
+            t = xc - low
+            lines.append((low, np.minimum(low + 1, n - 1)))
+            slopes.append((-inside, inside))
+            valid.append((np.ones_like(t, bool), np.ones_like(t, bool)))
+        else:
+            low = np.floor(xd).astype(np.int64)
+            t = xd - low
+            lines.append((low, low + 1))
+            slopes.append((-np.ones_like(t), np.ones_like(t)))
+            valid.append(((low >= 0) & (low < n), (low + 1 >= 0) & (low + 1 < n)))
+        weights.append((1 - t, t))
+    value = np.zeros_like(g)
+    grad_image = np.zeros_like(image)
+    grad_coords = np.zeros_like(x)
+    items = np.broadcast_to(np.arange(batch)[:, None], x.shape[:2])
+    for corner in itertools.product((0, 1), repeat=ndim):
+        inside = np.logical_and.reduce([valid[d][h] for d, h in enumerate(corner)])
+        index = tuple(np.clip(lines[d][h], 0, n - 1)
+                      for d, (h, n) in enumerate(zip(corner, spatial)))
+        corner_value = image[(items, *index)] * inside[..., None]  # [B, P, C]
+        axis_weights = [weights[d][h] for d, h in enumerate(corner)]
+        weight = np.prod(axis_weights, axis=0)
+        value += weight[..., None] * corner_value
+        np.add.at(grad_image, (items, *index), (weight * inside)[..., None] * g)
+        contracted = np.sum(g * corner_value, axis=-1)
+        for d, h in enumerate(corner):
+            others = np.prod([w for e, w in enumerate(axis_weights) if e != d], axis=0)
+            grad_coords[..., d] += contracted * slopes[d][h] * others
+    return (value.reshape(grad_out.shape), grad_image, grad_coords.reshape(coords.shape))
+
+
+def registration_case(seed, batch, spatial, channels, boundary, spread=3.0):
+    """Identity grid plus a random displacement (some points leave the image)."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=(batch, *spatial, channels))
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in spatial],
+                                indexing="ij"), -1)
+    coords = grid + rng.uniform(-spread, spread, size=(batch, *spatial, len(spatial)))
+    grad_out = rng.normal(size=(batch, *spatial, channels))
+    return {"image": image, "coords": coords, "grad_out": grad_out, "boundary": boundary}
+
+
+# Batch sizes around the kernel's choices for 2 and 4 threads: whole batch items
+# per work unit with units dividing B (4, 16) or not (9, 18), and a batch split
+# mid-item with private scratch (5); 2-D 64x64 and 3-D 16^3, several channels.
+THREADED_CASES = {
+    f"{len(spatial)}d_b{batch}_c{channels}_{boundary}": (batch, spatial, channels, boundary)
+    for batch, spatial, channels in [
+        (4, (64, 64), 2), (5, (64, 64), 1), (9, (64, 64), 3), (16, (64, 64), 1),
+        (18, (64, 64), 5), (5, (16, 16, 16), 2), (9, (16, 16, 16), 1), (18, (16, 16, 16), 2),
+    ]
+    for boundary in ("zeros", "border")
+}
+THREAD_COUNTS = (2, 4)
+
+# Runs in a fresh interpreter: the intra-op thread count can only be set
+# before TensorFlow initialises, and the CPU kernel splits its work by it.
+_THREADED_SCRIPT = r"""
+import sys
+import numpy as np
+import tensorflow as tf
+
+threads = int(sys.argv[3])
+tf.config.threading.set_intra_op_parallelism_threads(threads)
+import dirnet_tf
+
+assert tf.config.threading.get_intra_op_parallelism_threads() == threads
+cases = np.load(sys.argv[1])
+names = sorted({key.split("/")[0] for key in cases.files})
+results = {"dirnet_tf_file": np.array(dirnet_tf.__file__)}
+with tf.device("/CPU:0"):
+    for name in names:
+        image = tf.constant(cases[name + "/image"])
+        coords = tf.constant(cases[name + "/coords"])
+        grad_out = tf.constant(cases[name + "/grad_out"])
+        boundary = str(cases[name + "/boundary"])
+        with tf.GradientTape() as tape:
+            tape.watch([image, coords])
+            out = dirnet_tf.resample(image, coords, boundary=boundary)
+            loss = tf.reduce_sum(out * grad_out)
+        grad_image, grad_coords = tape.gradient(loss, [image, coords])
+        results[name + "/value"] = out.numpy()
+        results[name + "/grad_image"] = grad_image.numpy()
+        results[name + "/grad_coords"] = grad_coords.numpy()
+np.savez(sys.argv[2], **results)
+"""
+
+
+def _threaded_case(name):
+    batch, spatial, channels, boundary = THREADED_CASES[name]
+    seed = zlib.crc32(name.encode())
+    return registration_case(seed, batch, spatial, channels, boundary)
+
+
+@functools.lru_cache(maxsize=None)
+def _run_threaded_cases(threads):
+    """Value and gradients of every THREADED_CASES entry, computed by the op on
+    the CPU in a subprocess whose TensorFlow uses ``threads`` intra-op threads."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(dirnet_tf.__file__)))
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs, outputs = os.path.join(tmp, "inputs.npz"), os.path.join(tmp, "outputs.npz")
+        arrays = {}
+        for name in THREADED_CASES:
+            for key, value in _threaded_case(name).items():
+                arrays[f"{name}/{key}"] = np.asarray(value)
+        np.savez(inputs, **arrays)
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+                   PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run([sys.executable, "-c", _THREADED_SCRIPT, inputs, outputs,
+                               str(threads)], cwd=package_root, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        with np.load(outputs) as results:
+            return {key: results[key] for key in results.files}
+
+
+@pytest.mark.parametrize("name", sorted(THREADED_CASES))
+@pytest.mark.parametrize("threads", THREAD_COUNTS)
+def test_cpu_backward_with_image_gradient_on_several_threads(threads, name):
+    """Both gradients of many batch items, the items shared out to 2 or 4 threads."""
+    results = _run_threaded_cases(threads)
+    # The subprocess tested this package, not some other installed copy.
+    assert str(results["dirnet_tf_file"]) == os.path.abspath(dirnet_tf.__file__)
+    case = _threaded_case(name)
+    value, grad_image, grad_coords = ref_bilinear(**case)
+    np.testing.assert_allclose(value, ref_forward(case["image"], case["coords"], case["boundary"]),
+                               atol=1e-12)  # the reference itself agrees with scipy
+    np.testing.assert_allclose(results[name + "/value"], value, atol=1e-12)
+    for b in range(case["image"].shape[0]):  # item by item: a wrong item is named
+        np.testing.assert_allclose(results[name + "/grad_image"][b], grad_image[b], atol=1e-10,
+                                   err_msg=f"image gradient of batch item {b}")
+        np.testing.assert_allclose(results[name + "/grad_coords"][b], grad_coords[b], atol=1e-10,
+                                   err_msg=f"coordinate gradient of batch item {b}")
+
+
+@pytest.mark.parametrize("boundary", ["zeros", "border"])
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_numpy_gradient_reference_is_right(ndim, boundary):
+    """ref_bilinear against scipy (value), central differences of scipy (coordinate
+    gradient, off integers) and the loop scatter ref_image_grad (image gradient)."""
+    rng = np.random.default_rng(70 + ndim)
+    image, coords = random_case(rng, ndim, batch=2, channels=3, out_axes=(4, 5), low=-2.5)
+    coords = off_integer(coords, margin=0.01)
+    grad_out = rng.normal(size=(2, 4, 5, 3))
+    value, grad_image, grad_coords = ref_bilinear(image, coords, grad_out, boundary)
+    np.testing.assert_allclose(value, ref_forward(image, coords, boundary), atol=1e-12)
+    np.testing.assert_allclose(grad_image, ref_image_grad(image.shape, coords, grad_out, boundary),
+                               atol=1e-12)
+    h = 1e-6
+    for d in range(ndim):
+        step = np.zeros(ndim)
+        step[d] = h
+        diff = ref_forward(image, coords + step, boundary) - ref_forward(image, coords - step, boundary)
+        np.testing.assert_allclose(grad_coords[..., d], np.sum(diff / (2 * h) * grad_out, axis=-1),
+                                   atol=1e-7)
+
+
+# ------------------------------------------------ border mode: the image edges
+
+
+def edge_values(n):
+    """Coordinates on and around both edges of an axis of size n (and a few inside)."""
+    last = n - 1.0
+    return np.array([-1.0, -0.25, -1e-3, 0.0, 1e-3, 0.5, 1.0, last - 1.0, last - 0.5,
+                     last - 1e-3, last, last + 1e-3, last + 0.25, last + 1.0])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_border_value_and_gradients_at_the_edges(ndim, dtype):
+    """Integer coordinates exactly at 0 and n-1 (and just inside/outside), all axes.
+
+    Contract: the coordinate gradient is the derivative of the cell
+    [floor(x), floor(x)+1] and 0 where x lies outside [0, n-1].  At x = n-1 that
+    cell reaches past the image, where the clamped image is flat: the gradient
+    is 0 there, while at x = 0 it is the slope into pixel 1.
+    """
+    spatial = (5, 6, 4)[:ndim]
+    rng = np.random.default_rng(80 + ndim)
+    image = rng.normal(size=(1, *spatial, 2)).astype(dtype)
+    axes = [edge_values(n) for n in spatial]
+    coords = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(1, -1, ndim).astype(dtype)
+    grad_out = rng.normal(size=coords.shape[:-1] + (2,))
+    out, gi, gc = grads(image, coords, "border", weights=grad_out.astype(dtype))
+    out, gi, gc = out.numpy(), gi.numpy(), gc.numpy()
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+
+    x = coords.astype(np.float64)
+    img = image.astype(np.float64)
+    np.testing.assert_allclose(out, ref_forward(img, x, "border"), atol=tol)
+    np.testing.assert_allclose(gi, ref_image_grad(image.shape, x, grad_out, "border"), atol=tol)
+    last = np.array(spatial, np.float64) - 1
+    for d in range(ndim):
+        # Explicit formula: the value difference across the cell [floor(x), floor(x)+1]
+        # of scipy's clamped ("nearest") interpolation, which is flat outside [0, n-1].
+        low, high = x.copy(), x.copy()
+        low[..., d] = np.floor(x[..., d])
+        high[..., d] = low[..., d] + 1
+        cell = ref_forward(img, high, "border") - ref_forward(img, low, "border")
+        expected = np.sum(cell * grad_out, axis=-1)
+        np.testing.assert_allclose(gc[..., d], expected, atol=tol, err_msg=f"axis {d}")
+        # The same from one-sided (right) differences of scipy.
+        h = 1e-7
+        shifted = x.copy()
+        shifted[..., d] += h
+        right = (ref_forward(img, shifted, "border") - ref_forward(img, x, "border")) / h
+        np.testing.assert_allclose(expected, np.sum(right * grad_out, axis=-1), atol=1e-6)
+        # Exactly 0 at n-1 and outside; the slope into pixel 1 at 0.
+        flat = (x[..., d] >= last[d]) | (x[..., d] < 0)
+        assert np.sum(flat) > 0 and np.all(gc[..., d][flat] == 0.0), f"axis {d}"
+        # (This image has a nonzero slope at every x = 0 point, so a gradient
+        # dropped at the lower edge would be seen.)
+        at_zero = x[..., d] == 0
+        assert np.sum(at_zero) > 0 and np.all(expected[at_zero] != 0), f"axis {d}"
