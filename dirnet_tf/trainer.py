@@ -386,6 +386,8 @@ class Trainer:
             indices = [int(i) for i in self.panel_pairs]
         if not indices:
             return
+        if self._eval_step is None:
+            self._eval_step = self._make_eval_step()
         outputs = self._eval_step({"fixed": fixed[indices], "moving": moving[indices]})[2]
         if "displacement" not in outputs:
             return

@@ -35,11 +35,16 @@ if role == "local":
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
-    strategies = {"single": lambda: tf.distribute.OneDeviceStrategy("/cpu:0"),
-                  "mirrored": lambda: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])}
+    one = lambda: tf.distribute.OneDeviceStrategy("/cpu:0")
+    mirrored = lambda: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # name -> (strategy, Trainer options beyond one step per call)
+    strategies = {"single": (one, {}), "mirrored": (mirrored, {}),
+                  "mirrored_all_steps_in_one_call": (mirrored, dict(log_every=int(os.environ["DT_STEPS"]),
+                                                                     steps_per_execution=int(os.environ["DT_STEPS"]))),
+                  "mirrored_jit": (mirrored, dict(jit_compile=True))}
 else:  # a MultiWorkerMirroredStrategy worker; TF_CONFIG is set by the test
     mwms = tf.distribute.MultiWorkerMirroredStrategy()  # before any other op
-    strategies = {"multi_worker": lambda: mwms}
+    strategies = {"multi_worker": (lambda: mwms, {})}
 import keras
 import numpy as np
 import dirnet_tf
@@ -69,22 +74,30 @@ def graph_op_types(fn):
     return sorted(t for t in types if t.startswith("Dirnet"))
 
 result = {"pid": os.getpid()}
-for name, make in strategies.items():
+for name, (make, options) in strategies.items():
     strategy = make()
+    kwargs = dict(log_every=1, steps_per_execution=10)
+    kwargs.update(options)
     trainer = Trainer(
         lambda: dirnet_tf.DIRNet((16, 16), 4, filters=4),
         same_group_pair_sampler(images, groups, BATCH, seed=5),
         os.path.join(logdir, name), steps=STEPS, batch_size=BATCH, learning_rate=float(os.environ["DT_LR"]),
-        lr_schedule="constant", strategy=strategy, log_every=1, eval_every=0, checkpoint_every=0,
-        seed=1, print_fn=lambda *a: None, config={"strategy": name})
+        lr_schedule="constant", strategy=strategy, eval_every=0, checkpoint_every=0,
+        seed=1, print_fn=lambda *a: None, config={"strategy": name}, **kwargs)
     initial = [w.tolist() for w in trainer.model.get_weights()]
+    calls = []
+    step_fn = trainer._make_train_step()
+    def counting(iterator, n, step_fn=step_fn, calls=calls):
+        calls.append(int(n))
+        return step_fn(iterator, n)
+    trainer._train_step = counting
     summary = trainer.train()
     result[name] = {
         "initial_weights": initial, "optimizer": type(trainer.optimizer).__name__,
         "replicas": int(strategy.num_replicas_in_sync), "is_chief": bool(trainer.is_chief),
         "last_loss": summary["last_loss"], "step": summary["step"],
         "weights": [w.tolist() for w in trainer.model.get_weights()],
-        "dirnet_ops": graph_op_types(trainer._train_step),
+        "dirnet_ops": graph_op_types(step_fn), "calls": calls, "jit_compile": trainer.jit_compile,
     }
 with open(out_path, "w") as f:
     json.dump(result, f)
@@ -170,6 +183,26 @@ def test_mirrored_two_logical_cpus_matches_single_device(local_runs):
     assert moved > 1e-3 and single["optimizer"] == "SGD"
     # ... and two replicas with half the global batch each reach the same weights.
     _assert_same_training(single, mirrored)
+
+
+def test_mirrored_several_steps_per_call_and_jit_request_match_single_device(local_runs):
+    """All steps in one tf.function call across replicas (a wrong per-replica loop or
+    reduction inside the multi-step call would change the weights), and --jit_compile with
+    two replicas: ignored (XLA cannot compile the cross-replica reduction), same training."""
+    single = local_runs["single"]
+    multi = local_runs["mirrored_all_steps_in_one_call"]
+    assert multi["replicas"] == 2 and multi["calls"] == [STEPS]
+    assert local_runs["mirrored"]["calls"] == [1] * STEPS
+    # The weights after all steps (last_loss is the mean over the steps of the last call,
+    # here all three, so it is not comparable with the one-step-per-call run's).
+    assert multi["step"] == STEPS
+    for wa, wb in zip(single["weights"], multi["weights"]):
+        np.testing.assert_allclose(np.asarray(wa), np.asarray(wb), rtol=1e-4, atol=1e-5)
+    jit = local_runs["mirrored_jit"]
+    assert jit["replicas"] == 2 and jit["jit_compile"] is False
+    # The op itself ran (not its XLA twin), and training matches single-device training.
+    assert {"Dirnet>Resample", "Dirnet>ResampleGrad"} <= set(jit["dirnet_ops"])
+    _assert_same_training(single, jit)
 
 
 def test_two_worker_multi_worker_mirrored_run_agrees(script, local_runs, tmp_path):

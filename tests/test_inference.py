@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from scipy import ndimage
 
@@ -44,3 +45,34 @@ def test_export_is_atomic_and_matches_the_model(tmp_path):
     np.testing.assert_allclose(pred["warped"], out["warped"].numpy(), atol=1e-6)
     timing = time_per_pair(model, images[:3], images[3:], batch_size=8, repeats=3, warmup=1)
     assert timing["ms_per_pair"] > 0 and timing["batch_size"] == 8 and len(timing["times_s"]) == 3
+
+
+def test_a_failing_export_leaves_the_previous_one_intact(tmp_path, monkeypatch):
+    """Writing into the target only once the new export is complete: removing the old export
+    first (then saving in place) would lose it when the second save fails half-way."""
+    import dirnet_tf.inference as inference
+
+    model = _model()
+    images, _ = _images(6)
+    target = tmp_path / "m"
+    export_saved_model(model, str(target), SHAPE, 1, metadata={"version": 1})
+    before = sorted(os.listdir(target))
+    first, _ = load_export(str(target))
+    expected = first(fixed=tf.constant(images[:3]), moving=tf.constant(images[3:]))["warped"].numpy()
+
+    def broken_save(obj, export_dir, signatures=None, **kwargs):
+        os.makedirs(os.path.join(export_dir, "variables"), exist_ok=True)
+        with open(os.path.join(export_dir, "saved_model.pb"), "wb") as fh:
+            fh.write(b"half")  # a partial write, then the failure
+        raise OSError("disk full")
+
+    monkeypatch.setattr(inference.tf.saved_model, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_saved_model(model, str(target), SHAPE, 1, metadata={"version": 2})
+    monkeypatch.undo()
+    assert sorted(os.listdir(target)) == before
+    assert sorted(os.listdir(tmp_path)) == ["m"]  # no temporary directory left behind
+    again, metadata = load_export(str(target))
+    assert metadata == {"version": 1}
+    np.testing.assert_array_equal(
+        again(fixed=tf.constant(images[:3]), moving=tf.constant(images[3:]))["warped"].numpy(), expected)

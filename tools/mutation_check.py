@@ -148,6 +148,35 @@ MUTATIONS = [
         needs_rebuild=True,
         bug="border mode treats the edges 0 and n-1 as outside: coordinate gradient 0 at x = 0",
     ),
+    Mutation(
+        name="best_checkpoint_comparison_inverted",
+        file="dirnet_tf/trainer.py",
+        old='        improved = metrics.get("ncc", -np.inf) > self.best_ncc\n',
+        new='        improved = metrics.get("ncc", -np.inf) < self.best_ncc\n',
+        tests=("tests/test_trainer.py",),
+        keyword="best_validation",
+        bug="the 'improved' test of validation is inverted: no best checkpoint is ever written, "
+            "so the last checkpoint is exported",
+    ),
+    Mutation(
+        name="best_state_forgotten_on_resume",
+        file="dirnet_tf/trainer.py",
+        old='            return float(json.load(fh)["validation_ncc"])\n',
+        new='            return None\n',
+        tests=("tests/test_trainer.py",),
+        keyword="best_validation",
+        bug="the best validation NCC is not read back on resume: a worse later checkpoint "
+            "replaces the best one",
+    ),
+    Mutation(
+        name="export_removes_old_first",
+        file="dirnet_tf/inference.py",
+        old='        target = os.path.join(tmp, "model")\n',
+        new='        shutil.rmtree(export_dir, ignore_errors=True)\n        target = os.path.join(tmp, "model")\n',
+        tests=("tests/test_inference.py",),
+        bug="the previous export is deleted before the new one is written: a failing second "
+            "export destroys the first",
+    ),
 ]
 
 
