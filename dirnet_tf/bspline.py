@@ -37,6 +37,11 @@ __all__ = [
     "bspline_derivative",
     "cubic_bspline",
     "normalize_spacing",
+    "INJECTIVITY_BOUND",
+    "injectivity_bound",
+    "bounded_control_points",
+    "bspline_jacobian_determinant",
+    "map_determinant",
 ]
 
 
@@ -411,14 +416,28 @@ def bspline_jacobian_determinant(control_points, image_shape, grid_spacing):
             f"control_points must have shape [B, *K, {ndim}] for image_shape {shape}, "
             f"got {control_points.shape}"
         )
-    # columns[b][..., a] = du_a / dx_b (per pixel).
-    columns = [
+    return map_determinant([
         bspline_derivative(
             control_points, shape, grid_spacing, orders=tuple(int(d == b) for d in range(ndim))
         )
         for b in range(ndim)
-    ]
-    j = [[columns[b][..., a] + (1.0 if a == b else 0.0) for b in range(ndim)] for a in range(ndim)]
+    ])
+
+
+def map_determinant(derivatives):
+    """``det(I + Du)`` from the derivatives of a displacement field, written out explicitly.
+
+    Parameters
+    ----------
+    derivatives : list of ``ndim`` Tensors ``[..., ndim]``
+        ``derivatives[b][..., a] = du_a / dx_b`` (2 or 3 axes).
+
+    Returns
+    -------
+    Tensor ``[...]`` (its gradient stays finite where the Jacobian is singular).
+    """
+    ndim = len(derivatives)
+    j = [[derivatives[b][..., a] + (1.0 if a == b else 0.0) for b in range(ndim)] for a in range(ndim)]
     if ndim == 2:
         return j[0][0] * j[1][1] - j[0][1] * j[1][0]
     return (
@@ -426,11 +445,3 @@ def bspline_jacobian_determinant(control_points, image_shape, grid_spacing):
         - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
         + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
     )
-
-
-__all__ += [
-    "INJECTIVITY_BOUND",
-    "bounded_control_points",
-    "bspline_jacobian_determinant",
-    "injectivity_bound",
-]

@@ -26,7 +26,7 @@ import itertools
 import numpy as np
 import tensorflow as tf
 
-from dirnet_tf.bspline import bspline_derivative
+from dirnet_tf.bspline import bspline_derivative, map_determinant
 
 __all__ = [
     "ncc",
@@ -275,16 +275,7 @@ def jacobian_determinant(displacement):
         raise ValueError(
             f"displacement must be [B, H, W, 2] or [B, D, H, W, 3], got {displacement.shape}"
         )
-    # J[c][d] = delta_cd + d u_c / d x_d
-    grads = [_np_gradient(displacement, 1 + d) for d in range(ndim)]
-    J = [[grads[d][..., c] + (1.0 if c == d else 0.0) for d in range(ndim)] for c in range(ndim)]
-    if ndim == 2:
-        return J[0][0] * J[1][1] - J[0][1] * J[1][0]
-    return (
-        J[0][0] * (J[1][1] * J[2][2] - J[1][2] * J[2][1])
-        - J[0][1] * (J[1][0] * J[2][2] - J[1][2] * J[2][0])
-        + J[0][2] * (J[1][0] * J[2][1] - J[1][1] * J[2][0])
-    )
+    return map_determinant([_np_gradient(displacement, 1 + d) for d in range(ndim)])
 
 
 def folding_penalty(displacement, epsilon=0.0, reduction="mean"):
@@ -295,6 +286,9 @@ def folding_penalty(displacement, epsilon=0.0, reduction="mean"):
     displacement : Tensor ``[B, *spatial, ndim]``.
     epsilon : float
         Margin: determinants below it are penalised (0 penalises only folds).
+        With ``epsilon=0`` a pixel with ``det J`` exactly 0 (a collapse, which
+        :func:`dirnet_tf.metrics.folding_fraction` counts as folding) costs 0
+        and gets zero gradient; use ``epsilon > 0`` to push such pixels back.
     reduction : ``"mean"`` or ``"none"``.
     """
     det = jacobian_determinant(displacement)

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from dirnet_tf.resample_op import resample
 
-__all__ = ["identity_grid", "warp", "warp_labels"]
+__all__ = ["identity_grid", "warp", "warp_labels", "compose_displacements"]
 
 
 def identity_grid(image_shape, dtype=tf.float32):
@@ -201,6 +201,3 @@ def compose_displacements(first, second, boundary="border"):
         )
     coords = identity_grid(spatial, dtype=first.dtype) + second
     return second + resample(first, coords, boundary=boundary)
-
-
-__all__ += ["compose_displacements"]

@@ -113,15 +113,20 @@ def _dirnet_ops(fn):
 
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    images, groups = _images()
-    good = same_group_pair_sampler(images, groups, 4, seed=0)
+def _nan_from_step(sampler, first_bad_step):
+    """``sampler`` whose fixed images are NaN from batch ``first_bad_step`` on (the loss diverges)."""
 
-    def poisoned(step):
-        batch = good(step)
-        poison = tf.where(step >= 4, np.float32(np.nan), np.float32(0.0))
+    def sample(step):
+        batch = sampler(step)
+        poison = tf.where(step >= first_bad_step, np.float32(np.nan), np.float32(0.0))
         return {"fixed": batch["fixed"] + poison, "moving": batch["moving"]}
 
+    return sample
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    images, groups = _images()
+    poisoned = _nan_from_step(same_group_pair_sampler(images, groups, 4, seed=0), 4)
     trainer = _trainer(tmp_path, 10, sampler=poisoned)
     with pytest.raises(TrainingDivergedError, match=r"nan at step 5.*ckpt-4"):
         trainer.train()
@@ -203,12 +208,7 @@ def test_interrupted_run_resumes_to_the_same_weights_under_the_cosine_schedule(t
     decay depend on the step, so a schedule or optimizer state that is not restored, or a
     data stream that restarts, would differ)."""
     images, groups = _images()
-    clean = same_group_pair_sampler(images, groups, 4, seed=3)
-
-    def killed_after_step_4(step):
-        batch = clean(step)
-        poison = tf.where(step >= 4, np.float32(np.nan), np.float32(0.0))
-        return {"fixed": batch["fixed"] + poison, "moving": batch["moving"]}
+    killed_after_step_4 = _nan_from_step(same_group_pair_sampler(images, groups, 4, seed=3), 4)
 
     straight = _trainer(tmp_path / "straight", 8, lr_schedule="cosine")
     straight.train()
