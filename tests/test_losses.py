@@ -207,3 +207,52 @@ def test_registration_loss_matches_numpy():
     assert (parts["bending_energy"].numpy() > 0).all()
     with pytest.raises(ValueError, match="unknown similarity"):
         losses.registration_objective("nope")
+
+
+def test_folding_penalty_at_det_exactly_zero():
+    """``folding_penalty`` where det J is exactly 0 (a collapsed, non-invertible map).
+
+    Documented behaviour: with ``epsilon=0`` the penalty is ``relu(0 - det)``,
+    so a pixel with ``det J == 0`` costs 0 *and* has zero gradient (TF's
+    ``relu'(0) = 0``) -- unlike :func:`dirnet_tf.metrics.folding_fraction`,
+    which counts it as folding (``det <= 0``).  Only ``epsilon > 0`` pushes
+    collapsed pixels back (each costs ``epsilon``).
+
+    Field (hand-computed, as in ``tests/test_metrics.py``): 8x6 pixels, only
+    ``u_0`` non-zero so ``det J = 1 + du0/di`` exactly; columns 1-2 hold
+    ``u_0 = -clip(i, 2, 5)`` -> det ``[1, 1, .5, 0, 0, .5, 1, 1]`` down the rows
+    (4 pixels exactly 0); column 5 holds ``u_0 = -2 i`` -> det -1 (8 pixels).
+
+    Plausible bugs caught: ``relu(det - epsilon)`` (sign flip: identity pixels
+    would cost), a ``reduction="none"`` that also averages over the batch, an
+    ``epsilon`` that is ignored, a penalty that charges ``det == 0`` at
+    ``epsilon=0`` (e.g. ``relu(epsilon - det + 1e-6)``), or a determinant that
+    is not exactly 0 on the collapsed block in float32.
+    """
+    i = np.arange(8.0)
+    u = np.zeros((2, 8, 6, 2), np.float32)
+    u[0, :, 1:3, 0] = -np.clip(i, 2, 5)[:, None]
+    u[0, :, 5, 0] = -2 * i
+    det = losses.jacobian_determinant(u).numpy()
+    det_by_hand = np.ones((8, 6))
+    det_by_hand[:, 1:3] = np.array([1, 1, 0.5, 0, 0, 0.5, 1, 1])[:, None]
+    det_by_hand[:, 5] = -1.0
+    np.testing.assert_array_equal(det[0], det_by_hand)
+    np.testing.assert_array_equal(det[1], np.ones((8, 6)))
+    # epsilon = 0: only the 8 folded pixels cost (1 each); the 4 collapsed ones cost 0.
+    pen = losses.folding_penalty(u, epsilon=0.0, reduction="none").numpy()
+    np.testing.assert_allclose(pen, [8 * 1.0 / 48, 0.0], rtol=1e-6)
+    assert float(losses.folding_penalty(u)) == pytest.approx(8 / 48 / 2, rel=1e-6)  # batch mean
+    # epsilon = 0.1: collapsed pixels cost 0.1, folded ones 1.1, det 0.5 and 1 cost nothing.
+    pen = losses.folding_penalty(u, epsilon=0.1, reduction="none").numpy()
+    np.testing.assert_allclose(pen, [(4 * 0.1 + 8 * 1.1) / 48, 0.0], rtol=1e-6)
+    # A field that only collapses (no det < 0): flat point of the epsilon = 0 penalty.
+    collapsed = tf.constant(u[:1] * (np.arange(6) < 5)[None, None, :, None].astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(collapsed)
+        flat = losses.folding_penalty(collapsed, epsilon=0.0)
+        margin = losses.folding_penalty(collapsed, epsilon=0.1)
+    assert float(flat) == 0.0
+    assert not tape.gradient(flat, collapsed).numpy().any()
+    assert float(margin) == pytest.approx(4 * 0.1 / 48, rel=1e-6)
+    assert np.abs(tape.gradient(margin, collapsed).numpy()).max() > 0

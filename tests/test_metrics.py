@@ -150,3 +150,120 @@ def test_jacobian_determinant_hand_cases():
     np.testing.assert_allclose(metrics.jacobian_determinant(u)[1], 1.0)
     with pytest.raises(ValueError, match="displacement"):
         metrics.jacobian_determinant(np.zeros((3, 4, 4, 4, 4, 3)))
+
+
+def _collapse_and_fold_field():
+    """An 8x6 field whose finite-difference det J is exactly 0 on a known block.
+
+    Only ``u_0`` is non-zero, so ``J = [[1 + du0/di, du0/dj], [0, 1]]`` and
+    ``det J = 1 + du0/di`` exactly, whatever ``du0/dj`` is.
+
+    * columns 1-2: ``u_0 = -clip(i, 2, 5)``, i.e. rows 0..7 hold
+      ``[-2, -2, -2, -3, -4, -5, -5, -5]``; ``np.gradient`` along i gives
+      ``[0, 0, -0.5, -1, -1, -0.5, 0, 0]`` (halves and integers: exact in
+      float), so det J = ``[1, 1, 0.5, 0, 0, 0.5, 1, 1]``: rows 3-4 collapse
+      (``x_0 + u_0 = 2 + ...`` stays put), det exactly 0 at 2 x 2 = 4 pixels;
+    * column 5: ``u_0 = -2 i`` maps ``i -> -i``: det J = -1 at all 8 pixels;
+    * columns 0, 3, 4: identity, det 1.
+
+    Returns
+    -------
+    ``(u [8, 6, 2], det [8, 6])``, the second written out by hand.
+    """
+    i = np.arange(8.0)
+    u = np.zeros((8, 6, 2))
+    u[:, 1:3, 0] = -np.clip(i, 2, 5)[:, None]
+    u[:, 5, 0] = -2 * i
+    det_by_hand = np.ones((8, 6))
+    det_by_hand[:, 1:3] = np.array([1, 1, 0.5, 0, 0, 0.5, 1, 1])[:, None]
+    det_by_hand[:, 5] = -1.0
+    return u, det_by_hand
+
+
+def test_folding_counts_det_exactly_zero():
+    """``folding_fraction`` counts ``det J == 0`` as folding (``det <= 0``).
+
+    Plausible bugs caught: ``det < 0`` instead of ``det <= 0`` (collapsed
+    pixels, where the transform is not invertible, slip through: 8/48 instead
+    of 12/48), or a tolerance such as ``det <= 1e-3`` turned into ``det < -tol``.
+    """
+    u, det_by_hand = _collapse_and_fold_field()
+    det = metrics.jacobian_determinant(u)
+    np.testing.assert_array_equal(det, det_by_hand)  # exactly 0 where the hand says so
+    assert int((det_by_hand == 0).sum()) == 4 and int((det_by_hand < 0).sum()) == 8
+    # Hand count: 4 collapsed + 8 folded pixels of 48.
+    assert metrics.folding_fraction(u) == 12 / 48
+    # Batched, next to an identity field (no folding at all).
+    np.testing.assert_array_equal(metrics.folding_fraction(np.stack([u, np.zeros_like(u)])), [12 / 48, 0.0])
+    # Only collapsed pixels, no negative determinant: still folding.
+    collapsed = u.copy()
+    collapsed[:, 5] = 0.0
+    assert metrics.folding_fraction(collapsed) == 4 / 48
+
+
+# Anisotropic pixels: 2 mm between rows, 0.5 mm between columns.
+ROW_MM, COL_MM = 2.0, 0.5
+
+
+def _mm(di, dj):
+    return math.hypot(ROW_MM * di, COL_MM * dj)
+
+
+def anisotropic_square_cases():
+    """Two hand-worked mask pairs on a 10x12 grid and their pooled surface distances (mm).
+
+    Case "squares": 2x2 square A at rows 1-2, cols 1-2 and 2x2 square B at rows
+    2-3, cols 3-4 (offset (+1, +2) pixels).  A 2x2 square is all surface.
+    Nearest surface pixel of the other square (offset in pixels -> mm with
+    2 mm rows, 0.5 mm columns):
+
+    * A -> B: (1,1)->(2,3): (1,2) sqrt(4+1); (1,2)->(2,3): (1,1) sqrt(4+.25);
+      (2,1)->(2,3): (0,2) 1.0; (2,2)->(2,3): (0,1) 0.5;
+    * B -> A: (2,3)->(2,2): 0.5; (2,4)->(2,2): 1.0; (3,3)->(2,2): (1,1)
+      sqrt(4.25); (3,4)->(2,2): (1,2) sqrt(5).
+
+    Case "ring": 3x3 block A at rows 4-6, cols 0-2 -- its surface is the ring of
+    8, the centre (5, 1) is interior -- and the single pixel B = (5, 5).
+
+    * A ring -> B: rows 4 and 6, cols 0/1/2: (1,5) sqrt(4+6.25), (1,4)
+      sqrt(4+4), (1,3) sqrt(4+2.25) = 2.5 (twice each); row 5: (5,0) -> (0,5)
+      2.5, (5,2) -> (0,3) 1.5;
+    * B -> A ring: nearest is (5, 2), (0,3) 1.5.
+
+    Returns
+    -------
+    dict name -> ``(mask_a, mask_b, hand-listed pooled distances in mm)``.
+    """
+    sq_a = np.zeros((10, 12), bool)
+    sq_b = np.zeros((10, 12), bool)
+    sq_a[1:3, 1:3] = True
+    sq_b[2:4, 3:5] = True
+    sq_d = [_mm(1, 2), _mm(1, 1), _mm(0, 2), _mm(0, 1),  # A -> B
+            _mm(0, 1), _mm(0, 2), _mm(1, 1), _mm(1, 2)]  # B -> A
+    ring_a = np.zeros((10, 12), bool)
+    ring_b = np.zeros((10, 12), bool)
+    ring_a[4:7, 0:3] = True
+    ring_b[5, 5] = True
+    ring_d = [_mm(1, 5), _mm(1, 4), _mm(1, 3), _mm(0, 5), _mm(0, 3), _mm(1, 5), _mm(1, 4), _mm(1, 3),
+              _mm(0, 3)]
+    return {"squares": (sq_a, sq_b, sq_d), "ring": (ring_a, ring_b, ring_d)}
+
+
+def test_hd95_and_mad_anisotropic_spacing_by_hand():
+    """HD95 / MAD in mm with unequal row and column spacing, against hand-listed distances.
+
+    Plausible bugs caught: spacing applied in the wrong axis order (x/y swap:
+    the "squares" case is not symmetric under it), spacing ignored (pixels
+    reported as mm), distances from one direction only, interior pixels
+    treated as surface (the ring's centre would add a 2.0 mm distance), or the
+    percentile taken on ``d_ab`` and ``d_ba`` separately.
+    """
+    for name, (a, b, hand) in anisotropic_square_cases().items():
+        d_ab, d_ba = metrics.surface_distances(a, b, spacing=(ROW_MM, COL_MM))
+        np.testing.assert_allclose(np.sort(np.concatenate([d_ab, d_ba])), np.sort(hand), err_msg=name)
+        assert metrics.hd95(a, b, spacing=(ROW_MM, COL_MM)) == pytest.approx(np.percentile(hand, 95)), name
+        assert metrics.mad(a, b, spacing=(ROW_MM, COL_MM)) == pytest.approx(np.mean(hand)), name
+        # Symmetric in its arguments.
+        assert metrics.hd95(b, a, spacing=(ROW_MM, COL_MM)) == pytest.approx(np.percentile(hand, 95)), name
+        # The swapped spacing is a different geometry (so a swap bug cannot pass).
+        assert metrics.mad(a, b, spacing=(COL_MM, ROW_MM)) != pytest.approx(np.mean(hand)), name

@@ -232,3 +232,101 @@ def test_eval_pairs_exact_counts_deterministic_and_round_trip(tmp_path):
         json.dump(record, f)
     with pytest.raises(mnist.MnistDataError, match="do not match"):
         mnist.load_eval_pairs(path)
+
+
+@pytest.mark.parametrize("header, why", [
+    (b"\x00\x00\x07\x03", "unknown element type 0x07"),
+    (b"\x01\x00\x08\x03", "first byte not 0"),
+    (b"\x00\x01\x08\x03", "second byte not 0"),
+    (b"\x03\x08\x00\x00", "byte-swapped (little-endian) magic"),
+    (b"\x00\x00", "file shorter than the magic number"),
+])
+@pytest.mark.parametrize("compress", [False, True])
+def test_bad_idx_magic_number_names_the_file(tmp_path, header, why, compress):
+    """A file whose first 4 bytes are not an idx magic number: MnistDataError naming it.
+
+    Plausible bugs caught: only part of the magic number checked (a
+    byte-swapped or foreign file read as garbage), an unknown element-type
+    code escaping as ``KeyError``, a short file escaping as ``struct.error``,
+    or a message without the file name (inside ``.gz`` too).
+    """
+    path = str(tmp_path / "train-labels-idx1-ubyte")
+    payload = header + bytes(64)
+    if compress:
+        path += ".gz"
+        with gzip.open(path, "wb") as f:
+            f.write(payload)
+    else:
+        with open(path, "wb") as f:
+            f.write(payload)
+    with pytest.raises(mnist.MnistDataError, match="magic number") as info:
+        mnist.read_idx(path)
+    assert path in str(info.value), why
+
+
+def test_bad_magic_in_an_idx_directory_stops_the_conversion(tmp_path, raw):
+    """Through ``convert``: the bad file of four is named and nothing is written."""
+    source = _idx_dir(tmp_path, raw, compress=False)
+    bad = os.path.join(source, "t10k-labels-idx1-ubyte")
+    with open(bad, "r+b") as f:
+        f.write(b"\x00\x00\x42\x01")  # 0x42 is no idx element type
+    out = str(tmp_path / "m.h5")
+    with pytest.raises(mnist.MnistDataError, match=r"t10k-labels-idx1-ubyte is not an idx file.*magic number"):
+        mnist.convert(out, source)
+    assert not os.path.exists(out)
+
+
+def _write_idx_int8(path, array):
+    """An idx file of signed bytes (element type 0x09), which can hold negative labels."""
+    header = struct.pack(">BBBB", 0, 0, 0x09, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with open(path, "wb") as f:
+        f.write(header + array.astype(np.int8).tobytes())
+
+
+@pytest.mark.parametrize("labels_file, index, value", [
+    ("train-labels-idx1-ubyte", 3, 10),  # in the train split
+    ("train-labels-idx1-ubyte", -1, 255),  # in the held-out valid split
+    ("t10k-labels-idx1-ubyte", 0, -1),  # negative: a signed-byte idx file
+])
+def test_idx_labels_outside_0_9_name_the_labels_file(tmp_path, raw, labels_file, index, value):
+    """Labels that are not digits 0-9: MnistDataError naming the labels *file* and the value.
+
+    Plausible bugs caught: no range check (label 10 would index past a
+    10-class table, 255/-1 silently become a class), a check of only the
+    upper (or lower) bound, of only one split, or a message naming the
+    directory but not which of its four files is wrong.
+    """
+    source = _idx_dir(tmp_path, raw, compress=False)
+    key = "y_train" if labels_file.startswith("train") else "y_test"
+    labels = raw[key].astype(np.int64)
+    labels[index] = value
+    path = os.path.join(source, labels_file)
+    if value < 0:
+        _write_idx_int8(path, labels)
+    else:
+        _write_idx(path, labels.astype(np.uint8), compress=False)
+    out = str(tmp_path / "m.h5")
+    with pytest.raises(mnist.MnistDataError, match="0-9") as info:
+        mnist.convert(out, source)
+    message = str(info.value)
+    assert labels_file in message and str(value) in message, message
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "pickle"])
+def test_npz_and_pickle_labels_outside_0_9_name_the_file(tmp_path, raw, fmt):
+    """The same check for the npz and pickle sources (one file each: it is named)."""
+    if fmt == "npz":
+        source = str(tmp_path / "bad.npz")
+        np.savez(source, **dict(raw, y_test=np.r_[raw["y_test"][:-1], 12].astype(np.int64)))
+    else:
+        exp = _expected(raw)
+        content = [(exp[s][0].reshape(-1, 784), exp[s][1].copy()) for s in mnist.SPLITS]
+        content[1][1][0] = -3
+        source = str(tmp_path / "bad.pkl.gz")
+        with gzip.open(source, "wb", compresslevel=1) as f:
+            pickle.dump(tuple(content), f, protocol=2)
+    with pytest.raises(mnist.MnistDataError, match="0-9") as info:
+        mnist.convert(str(tmp_path / "m.h5"), source)
+    message = str(info.value)
+    assert os.path.basename(source) in message and ("12" if fmt == "npz" else "-3") in message, message

@@ -97,3 +97,97 @@ def test_wrong_size_and_bad_files(tmp_path, export_dir, capsys):
         register.register(export_dir, str(tmp_path / "junk.png"), str(tmp_path / "ok.png"))
     with pytest.raises(register.RegisterError, match="not a SavedModel"):
         register.register(str(tmp_path), str(tmp_path / "ok.png"), str(tmp_path / "ok.png"))
+
+
+def test_missing_flags_exit_nonzero_and_are_named(tmp_path):
+    """Without --model/--fixed/--moving/--out the command stops before loading anything.
+
+    Plausible bugs caught: a missing flag reaching ``register`` as ``None`` (a
+    traceback, or exit status 0 with nothing written), or a message that does
+    not say which flags are missing (or names one that was given).
+    """
+    proc = _cli([f"--out={tmp_path / 'w.png'}", f"--fixed={tmp_path / 'a.png'}"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    message = [line for line in proc.stderr.splitlines() if "missing" in line]
+    assert len(message) == 1, proc.stderr[-2000:]
+    named = {word.strip(",") for word in message[0].split() if word.startswith("--")}
+    assert named == {"--model", "--moving"}
+    assert not os.path.exists(tmp_path / "w.png")
+    proc = _cli([])
+    assert proc.returncode == 2
+    assert all(f"--{n}" in proc.stderr for n in ("model", "fixed", "moving", "out"))
+
+
+def _run_main(args):
+    """``register.main`` in this process with the given flags (restored afterwards)."""
+    from absl import flags
+
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["register"] + args)
+        return register.main(["register"])
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_npy_output_is_the_models_warped_image(tmp_path, export_dir):
+    """``--out=x.npy`` holds the served model's ``warped`` output, float32, unclipped.
+
+    The moving image is a float ``.npy`` with values up to 2 (used as is), so
+    the warped image exceeds 1 somewhere.  Plausible bugs caught: the ``.npy``
+    path going through the 8-bit PNG conversion (rounded to 1/255, clipped to
+    [0, 1]), another output (moving, fixed) written, or a channel axis lost.
+    """
+    from dirnet_tf.inference import load_export
+
+    rng = np.random.default_rng(3)
+    fixed = _digit(rng)
+    moving = (2.0 * _digit(rng) / 255.0).astype(np.float32)
+    Image.fromarray(fixed).save(tmp_path / "f.png")
+    np.save(tmp_path / "m.npy", moving)
+    out = tmp_path / "out" / "warped.npy"
+    assert _run_main([f"--model={export_dir}", f"--fixed={tmp_path / 'f.png'}",
+                      f"--moving={tmp_path / 'm.npy'}", f"--out={out}"]) == 0
+    warped = np.load(out)
+    fn, _ = load_export(export_dir)
+    expected = fn(fixed=(fixed / 255.0).astype(np.float32)[None, ..., None], moving=moving[None, ..., None])
+    expected = expected["warped"].numpy()[0]
+    assert warped.dtype == np.float32 and warped.shape == (28, 28, 1)
+    np.testing.assert_allclose(warped, expected, rtol=0, atol=1e-6)
+    assert warped.max() > 1.05  # not clipped to [0, 1]
+    assert np.abs(warped * 255 - np.rint(warped * 255)).max() > 1e-3  # not quantised to 8 bits
+    assert not np.allclose(warped[..., 0], moving, atol=1e-3)  # really warped
+
+
+def test_rgb_input_is_converted_to_luma_grey(tmp_path, export_dir):
+    """RGB(A) PNG and RGB ``.npy`` give the same grey: ``(0.299 R + 0.587 G + 0.114 B) / 255``.
+
+    The reference is computed here in float64 from the pixel values.
+    Plausible bugs caught: PNG and ``.npy`` converted differently (Pillow's
+    integer "L" conversion rounds to 1/255; a channel mean differs by up to
+    0.2 on saturated colours), alpha mixed into the grey, channels reordered
+    (BGR), or a colour image rejected for a one-channel model.
+    """
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 256, (28, 28, 3)).astype(np.uint8)
+    rgb[0, :3] = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]  # saturated: luma 0.299, 0.587, 0.114
+    luma = (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]) / 255.0
+    rgba = np.concatenate([rgb, rng.integers(0, 256, (28, 28, 1)).astype(np.uint8)], -1)
+    Image.fromarray(rgb, "RGB").save(tmp_path / "c.png")
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "ca.png")
+    np.save(tmp_path / "c.npy", rgb)
+    np.save(tmp_path / "ca.npy", rgba)
+    for name in ("c.png", "ca.png", "c.npy", "ca.npy"):
+        grey = register.read_image(str(tmp_path / name))
+        assert grey.shape == (28, 28, 1) and grey.dtype == np.float32, name
+        np.testing.assert_allclose(grey[..., 0], luma, rtol=0, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(register.read_image(str(tmp_path / "c.png"))[0, :3, 0], [0.299, 0.587, 0.114],
+                               atol=1e-6)
+    # End to end: the RGB file registers exactly like its grey version.
+    np.save(tmp_path / "grey.npy", luma.astype(np.float32))
+    fixed = str(tmp_path / "c.npy")
+    from_rgb = register.register(export_dir, fixed, str(tmp_path / "ca.png"))
+    from_grey = register.register(export_dir, fixed, str(tmp_path / "grey.npy"))
+    np.testing.assert_allclose(from_rgb["warped"], from_grey["warped"], atol=1e-5)  # inputs equal to ~1e-7
+    np.testing.assert_allclose(from_rgb["displacement"], from_grey["displacement"], atol=1e-5)

@@ -177,6 +177,56 @@ MUTATIONS = [
         bug="the previous export is deleted before the new one is written: a failing second "
             "export destroys the first",
     ),
+    Mutation(
+        name="folding_fraction_strict_inequality",
+        file="dirnet_tf/metrics.py",
+        old="    return float((det <= 0).mean())",
+        new="    return float((det < 0).mean())",
+        tests=("tests/test_metrics.py::test_folding_counts_det_exactly_zero",),
+        bug="pixels with det J exactly 0 (collapsed, not invertible) are not counted as folding",
+    ),
+    Mutation(
+        name="contour_metrics_hd95_in_pixels",
+        file="experiments/cardiac.py",
+        old='                values[f"hd95_mm_{when}"][i] = metrics.hd95(fixed, mask, spacing)',
+        new='                values[f"hd95_mm_{when}"][i] = metrics.hd95(fixed, mask)',
+        tests=("tests/test_cardiac_experiment.py::test_contour_metrics_hd95_mad_in_mm_with_anisotropic_spacing",),
+        bug="cardiac HD95 reported in pixels but labelled mm (spacing not passed)",
+    ),
+    Mutation(
+        name="register_rgb_grey_channel_mean",
+        file="experiments/register.py",
+        old="            array = (array[..., :3].astype(np.float64) @ LUMA)[..., None].astype(np.float32)",
+        new="            array = array[..., :3].mean(axis=-1, keepdims=True)",
+        tests=("tests/test_register.py::test_rgb_input_is_converted_to_luma_grey",),
+        bug="RGB input turned grey by the channel mean instead of ITU-R 601 luma (PNG, .npy and "
+            "the readers disagree)",
+    ),
+    Mutation(
+        name="mnist_labels_upper_bound_unchecked",
+        file="data/mnist.py",
+        old="    bad = labels[(labels < 0) | (labels > 9)]",
+        new="    bad = labels[labels < 0]",
+        tests=("tests/test_mnist_data.py::test_idx_labels_outside_0_9_name_the_labels_file",
+               "tests/test_mnist_data.py::test_npz_and_pickle_labels_outside_0_9_name_the_file"),
+        bug="MNIST labels above 9 accepted silently",
+    ),
+    Mutation(
+        name="lncc_similarity_is_global_ncc",
+        file="dirnet_tf/losses.py",
+        old='SIMILARITIES = {"ncc": ncc_loss, "lncc": local_ncc_loss, "mse": mse_loss}',
+        new='SIMILARITIES = {"ncc": ncc_loss, "lncc": ncc_loss, "mse": mse_loss}',
+        tests=("tests/test_common.py::test_similarity_lncc_flag_reaches_local_ncc",),
+        bug="--similarity=lncc trains with the global NCC loss",
+    ),
+    Mutation(
+        name="register_npy_output_clipped",
+        file="experiments/register.py",
+        old="        np.save(path, image.astype(np.float32))",
+        new="        np.save(path, np.clip(image, 0.0, 1.0).astype(np.float32))",
+        tests=("tests/test_register.py::test_npy_output_is_the_models_warped_image",),
+        bug="the .npy output of experiments.register is clipped to [0, 1]",
+    ),
 ]
 
 
