@@ -192,14 +192,19 @@ class Regressor(keras.layers.Layer):
             layers.append(keras.layers.Activation(activation, name=name + "_act", dtype=policy))
             return layers
 
+        # In 3-D the border convolution pads explicitly (2 cells, "valid"), which gives the
+        # same values as 1 cell + "same": TensorFlow 2.21's oneDNN graph rewrite fuses a Pad
+        # followed by a "same" Conv3D wrongly at inference (the pad is dropped, the output
+        # loses a cell per side); eager mode and 2-D are not affected.
+        explicit_border = ndim == 3 and depth > 0
         stack = []
         for level in range(depth + 1):
             if level == depth:
                 # K - 2 cells -> K: one border cell per side, filled by the 3x3 conv.
-                stack.append(zero_pad(padding=1, name="grid_border", dtype=policy))
+                stack.append(zero_pad(padding=2 if explicit_border else 1, name="grid_border", dtype=policy))
             # The first convolution gets its zero padding explicitly (see call).
-            stack += block(filters[level], 3, f"conv{level}",
-                           padding="valid" if level == 0 else "same")
+            valid = level == 0 or (level == depth and explicit_border)
+            stack += block(filters[level], 3, f"conv{level}", padding="valid" if valid else "same")
             for extra in range(1, self.convs_per_level[level]):
                 stack += block(filters[level], 3, f"conv{level}_{extra}")
             if level < depth:
