@@ -26,7 +26,7 @@ from dirnet_tf.readers import InputError
 __all__ = [
     "same_group_pair_sampler", "make_input_iterator", "validation_batches",
     "PairingError", "PAIR_MODES", "parse_pairs_spec", "parse_split", "read_pair_list", "find_image",
-    "split_by_group", "pair_candidates", "pair_list_sampler", "random_pair_sampler", "evaluation_pairs",
+    "split_by_group", "split_within_groups", "pair_candidates", "pair_list_sampler", "random_pair_sampler", "evaluation_pairs",
 ]
 
 
@@ -757,3 +757,47 @@ def read_pair_list(csv_path, sources):
     if not pairs:
         raise PairingError(f"{csv_path}: the pair list has no rows; add `fixed,moving` rows")
     return np.asarray(pairs, np.int64)
+
+
+def split_within_groups(groups, fractions=(0.8, 0.1, 0.1)):
+    """Split every group in time: its first images to train, the next to valid, the last to test.
+
+    For a collection that is one sequence (e.g. the frames of one cine), where a split by
+    group would put everything into train: each group, in its given order, is cut into
+    three contiguous blocks of ``round(f * n)`` images (rounded half up for valid and test;
+    train keeps the rest and at least one image), so that no frame is in two splits and the
+    evaluation frames are later in time than the training frames.
+
+    Parameters
+    ----------
+    groups : sequence ``[N]``
+        Group of each image; ``None`` = ungrouped (such an image is a group of its own, and
+        so goes to train, as in :func:`pair_candidates`).
+    fractions : sequence of 3 float or str
+        As for :func:`split_by_group`.
+
+    Returns
+    -------
+    dict
+        ``{"train", "valid", "test"}`` sorted int64 index arrays covering every image once.
+    """
+    fractions = parse_split(fractions) if isinstance(fractions, str) else _check_fractions(fractions)
+    keys = [f"\0image {i}" if g is None or g == "" else str(g) for i, g in enumerate(groups)]
+    if not keys:
+        raise PairingError("no images to split")
+    out = {name: [] for name in SPLIT_NAMES}
+    for key in dict.fromkeys(keys):
+        members = [i for i, k in enumerate(keys) if k == key]
+        n = len(members)
+        n_valid = int(np.floor(fractions[1] * n + 0.5))
+        n_test = int(np.floor(fractions[2] * n + 0.5))
+        while n_valid + n_test > n - 1 and n_valid + n_test > 0:
+            if n_test >= n_valid:
+                n_test -= 1
+            else:
+                n_valid -= 1
+        n_train = n - n_valid - n_test
+        out["train"] += members[:n_train]
+        out["valid"] += members[n_train:n_train + n_valid]
+        out["test"] += members[n_train + n_valid:]
+    return {name: np.asarray(sorted(v), np.int64) for name, v in out.items()}

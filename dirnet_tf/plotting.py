@@ -2,8 +2,9 @@
 
 :func:`draw_deformation_grid` draws the sampling grid ``x + u(x)`` of a 2-D
 field (where each fixed-image pixel takes its value from in the moving image);
-:func:`registration_figure` lays out pairs in columns with rows fixed / moving /
-warped / grid; :func:`figure_to_image` renders a figure for
+:func:`registration_figure` lays out 2-D pairs in columns with rows fixed / moving /
+warped / grid; :func:`volume_figure` shows one 3-D pair as its three central
+orthogonal slices; :func:`figure_to_image` renders a figure for
 ``tf.summary.image``.
 """
 
@@ -11,7 +12,7 @@ import io
 
 import numpy as np
 
-__all__ = ["draw_deformation_grid", "registration_figure", "figure_to_image"]
+__all__ = ["draw_deformation_grid", "registration_figure", "volume_figure", "figure_to_image"]
 
 
 def _to_numpy(x):
@@ -98,3 +99,50 @@ def figure_to_image(fig, dpi=80):
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     return tf.image.decode_png(buf.getvalue(), channels=4)[None]
+
+
+def volume_figure(fixed, moving, warped, displacement, title=None, grid_step=4):
+    """One 3-D registration as the three central orthogonal slices.
+
+    Rows fixed / moving / warped / grid on moving; columns the central slice across each
+    array axis (axis 0, 1, 2).  The grid row draws the in-plane components of the sampling
+    grid ``x + u(x)`` of that slice.
+
+    Parameters
+    ----------
+    fixed, moving, warped : arrays ``[D, H, W, C]`` (first channel shown).
+    displacement : array ``[D, H, W, 3]`` in voxels, ij order.
+    title : str or None
+    grid_step : int
+        Spacing of the drawn grid lines in voxels.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fixed, moving, warped, displacement = (_to_numpy(a) for a in (fixed, moving, warped, displacement))
+    fig, axes = plt.subplots(4, 3, figsize=(6.0, 8.0), squeeze=False)
+    vmax = max(1.0, float(fixed.max()))
+    for axis in range(3):
+        centre = fixed.shape[axis] // 2
+        take = [slice(None)] * 3
+        take[axis] = centre
+        in_plane = [a for a in range(3) if a != axis]
+        for row, image in enumerate((fixed, moving, warped, moving)):
+            ax = axes[row, axis]
+            ax.imshow(image[tuple(take)][..., 0], cmap="gray", vmin=0, vmax=vmax, alpha=0.35 if row == 3 else 1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        draw_deformation_grid(axes[3, axis], displacement[tuple(take)][..., in_plane], grid_step)
+        axes[0, axis].set_title(f"slice {centre} of axis {axis}", fontsize=8)
+    for row, name in enumerate(("fixed", "moving", "warped", "grid on moving")):
+        axes[row, 0].set_ylabel(name)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

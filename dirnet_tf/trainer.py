@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from dirnet_tf.files import write_json
 from dirnet_tf.pairs import make_input_iterator, validation_batches
-from dirnet_tf.plotting import figure_to_image, registration_figure
+from dirnet_tf.plotting import figure_to_image, registration_figure, volume_figure
 
 __all__ = ["STRATEGIES", "TrainingDivergedError", "make_strategy", "worker_info", "Trainer"]
 
@@ -99,8 +99,9 @@ class Trainer:
         ``{"fixed": array, "moving": array}`` pairs evaluated every ``eval_every`` steps;
         the best mean validation NCC is kept in ``logdir/best``.
     panel_pairs : int or sequence of int
-        Validation pairs drawn in the TensorBoard image panel (2-D models): the first
-        ``panel_pairs`` pairs, or these indices (e.g. one pair per class).
+        Validation pairs drawn in the TensorBoard image panel: the first ``panel_pairs``
+        pairs, or these indices (e.g. one pair per class); 3-D models show the central
+        orthogonal slices of the first of them.
     log_every, eval_every, checkpoint_every : int
         Intervals in steps.
     config : dict or None
@@ -364,7 +365,7 @@ class Trainer:
         with self.writer.as_default(step=step):
             for k, v in metrics.items():
                 tf.summary.scalar(f"validation/{k}", v)
-            if self.is_chief and self.validation["fixed"].ndim == 4:
+            if self.is_chief:
                 self._log_panel()
         self.writer.flush()
         improved = metrics.get("ncc", -np.inf) > self.best_ncc
@@ -391,8 +392,12 @@ class Trainer:
         outputs = self._eval_step({"fixed": fixed[indices], "moving": moving[indices]})[2]
         if "displacement" not in outputs:
             return
-        fig = registration_figure(fixed[indices], moving[indices], outputs["warped"],
-                                  outputs["displacement"], max_cols=len(indices))
+        if fixed.ndim == 4:
+            fig = registration_figure(fixed[indices], moving[indices], outputs["warped"],
+                                      outputs["displacement"], max_cols=len(indices))
+        else:  # 3-D: the central orthogonal slices of the first chosen pair
+            fig = volume_figure(fixed[indices[0]], moving[indices[0]], outputs["warped"][0],
+                                outputs["displacement"][0])
         tf.summary.image("validation/fixed_moving_warped_grid", figure_to_image(fig))
 
     def train(self):

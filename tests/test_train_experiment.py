@@ -1,0 +1,124 @@
+"""experiments.train on tiny collections the tests write: 2-D PNGs with labels, 3-D volumes, bad input."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from absl import flags
+
+from dirnet_tf import metrics
+from dirnet_tf.readers import InputError
+from experiments import common, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(*argv):
+    """The flag values of ``python -m experiments.train ARGV`` (parsed into a copy of the flags)."""
+    values = copy.deepcopy(flags.FLAGS)
+    for name, value in train.DEFAULTS.items():
+        values.set_default(name, value)
+    values(["train", *argv])
+    return {name: values[name].value for name in common._DEFINED}
+
+
+def _blobs(folder, shape, n, seed=0, labels_folder=None, suffix=".png"):
+    """Gaussian blobs at random places (and their > 0.5 label maps) written as files."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    os.makedirs(folder, exist_ok=True)
+    for k in range(n):
+        centre = [rng.uniform(0.4 * s, 0.6 * s) for s in shape]
+        radius = rng.uniform(0.15, 0.22) * min(shape)
+        image = np.exp(-sum((g - c) ** 2 for g, c in zip(grid, centre)) / (2 * radius ** 2))
+        if suffix == ".png":
+            Image.fromarray((image * 255).astype(np.uint8)).save(os.path.join(folder, f"im{k}.png"))
+        else:
+            np.save(os.path.join(folder, f"im{k}.npy"), image.astype(np.float32))
+        if labels_folder:
+            os.makedirs(labels_folder, exist_ok=True)
+            Image.fromarray((image > 0.5).astype(np.uint8)).save(os.path.join(labels_folder, f"im{k}.png"))
+
+
+def test_2d_pngs_with_labels_train_export_evaluate_and_resume(tmp_path):
+    """A corrupt file is skipped and recorded; labels give Dice/HD95/MAD; metrics.json equals a
+    recomputation from the export; a second run with more steps resumes."""
+    _blobs(tmp_path / "img", (36, 32), 8, labels_folder=tmp_path / "lab")
+    (tmp_path / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    logdir, export = tmp_path / "run", tmp_path / "export"
+    args = [f"--images={tmp_path / 'img'}", f"--labels={tmp_path / 'lab'}", f"--logdir={logdir}",
+            f"--export_dir={export}", "--grid_spacing=4", "--batch_size=4", "--log_every=5", "--eval_every=5",
+            "--checkpoint_every=5", "--split=0.5,0.25,0.25", "--learning_rate=5e-3"]
+    result = train.run(_config(*args, "--steps=10"))
+    with open(logdir / "skipped.json") as f:
+        skipped = json.load(f)
+    assert [os.path.basename(s["path"]) for s in skipped] == ["broken.png"]
+    assert result["pairs"] == 2 and result["split"] == {"train": 4, "valid": 2, "test": 2}
+    assert set(result["labels"]) == {"1"} and 0 <= result["labels"]["1"]["dice_after"] <= 1
+    assert result["spacing_mm"] == [1.0, 1.0]
+    # metrics.json holds what a recomputation from the export gives.
+    from dirnet_tf.inference import load_export, predict
+
+    with open(logdir / "metrics.json") as f:
+        saved = json.load(f)
+    served, metadata = load_export(str(export))
+    assert metadata["model_grid"]["shape"] == [36, 32] and metadata["displacement_units"].startswith("voxels")
+    data = train.load_collection(_config(*args))
+    plan = train.make_splits_and_pairs(_config(*args), data)
+    fixed, moving = data["images"][plan["test"][:, 0]], data["images"][plan["test"][:, 1]]
+    pred = predict(served, fixed, moving)
+    after = np.mean([metrics.ncc(f, w) for f, w in zip(fixed, pred["warped"])])
+    np.testing.assert_allclose(saved["ncc_after"], after, rtol=1e-6)
+    np.testing.assert_allclose(saved["mean_displacement_voxels"],
+                               np.linalg.norm(pred["displacement"], axis=-1).mean(), rtol=1e-5)
+    assert (logdir / "registration.png").stat().st_size > 1000
+    # Resume: 10 more steps continue from step 10.
+    again = train.run(_config(*args, "--steps=20"))
+    assert again["step"] == 20
+    assert json.loads((logdir / "flags.json").read_text())["steps"] == 20
+
+
+def test_3d_volumes_on_an_anisotropic_model_grid(tmp_path):
+    """3-D .npy volumes in one group (a CSV list), resampled with their spacing onto another
+    grid; the sequence split in time (train frames before valid before test); sequence pairs."""
+    _blobs(tmp_path / "vol", (18, 20, 14), 8, suffix=".npy")
+    rows = "\n".join(f"vol/im{k}.npy,cine" for k in range(8))
+    (tmp_path / "list.csv").write_text("image,group\n" + rows + "\n")
+    config = _config(f"--images={tmp_path / 'list.csv'}", f"--logdir={tmp_path / 'run'}",
+                     f"--export_dir={tmp_path / 'export'}", "--grid_spacing=4", "--batch_size=2",
+                     "--steps=4", "--log_every=2", "--eval_every=2", "--default_spacing=1.5,1,2",
+                     "--spacing=2", "--shape=14,12,14", "--split=0.5,0.25,0.25", "--split_within_groups",
+                     "--pairs=sequence", "--max_frame_gap=1")
+    data = train.load_collection(config)
+    assert data["images"].shape == (8, 14, 12, 14, 1)
+    plan = train.make_splits_and_pairs(config, data)
+    assert plan["splits"]["train"].tolist() == [0, 1, 2, 3]
+    assert plan["splits"]["valid"].tolist() == [4, 5] and plan["splits"]["test"].tolist() == [6, 7]
+    assert sorted(map(tuple, plan["test"].tolist())) == [(6, 7), (7, 6)]
+    result = train.run(config)
+    assert result["pairs"] == 2 and result["spacing_mm"] == [2.0, 2.0, 2.0]
+    assert 0 <= result["folding_fraction"] <= 1 and result["mean_displacement_mm"] >= 0
+    with open(tmp_path / "run" / "flags.json") as f:
+        assert json.load(f)["shape"] == "14,12,14"
+
+
+def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path):
+    _blobs(tmp_path / "img", (20, 20), 3)
+    with pytest.raises(InputError, match="--images is required"):
+        train.load_collection(_config())
+    config = _config(f"--images={tmp_path / 'img'}", "--pairs=within_group")
+    data = train.load_collection(config)
+    with pytest.raises(ValueError, match="group"):
+        train.make_splits_and_pairs(config, data)
+    np.save(tmp_path / "img" / "vol.npy", np.zeros((4, 5, 6), np.float32))
+    proc = subprocess.run([sys.executable, "-m", "experiments.train", f"--images={tmp_path / 'img'}",
+                           f"--logdir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'exp'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "2-D and 3-D images are mixed" in proc.stderr and "Traceback" not in proc.stderr
