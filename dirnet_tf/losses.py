@@ -320,7 +320,7 @@ def get(identifier):
 
 
 def registration_objective(similarity="ncc", bending_weight=0.0, folding_weight=0.0,
-                           image_shape=None, grid_spacing=None):
+                           image_shape=None, grid_spacing=None, step_spacings=None):
     """The per-pair registration objective (what DIRNet minimises).
 
     ``loss = similarity(fixed, warped) + bending_weight * bending_energy(control_points)
@@ -334,6 +334,10 @@ def registration_objective(similarity="ncc", bending_weight=0.0, folding_weight=
         Regulariser weights (0 = the paper's setting; a term with weight 0 is not computed).
     image_shape, grid_spacing
         Needed when ``bending_weight > 0``.
+    step_spacings : list or None
+        For a model of several B-spline steps (``outputs["control_point_steps"]``):
+        the grid spacing of each step; the bending term is then the sum of the
+        bending energies of the steps.
 
     Returns
     -------
@@ -354,7 +358,12 @@ def registration_objective(similarity="ncc", bending_weight=0.0, folding_weight=
         values = sim_fn(fixed, warped, reduction="none")
         parts = {"similarity": values, "ncc": ncc(fixed, warped)}
         total = values
-        if bending_weight:
+        if bending_weight and step_spacings is not None:
+            be = tf.add_n([bending_energy(tf.cast(points, tf.float32), image_shape, spacing, reduction="none")
+                           for points, spacing in zip(outputs["control_point_steps"], step_spacings)])
+            parts["bending_energy"] = be
+            total = total + bending_weight * be
+        elif bending_weight:
             be = bending_energy(tf.cast(outputs["control_points"], tf.float32), image_shape,
                                 grid_spacing, reduction="none")
             parts["bending_energy"] = be

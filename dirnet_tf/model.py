@@ -4,8 +4,10 @@ import keras
 import tensorflow as tf
 
 from dirnet_tf import losses as _losses
-from dirnet_tf.bspline import control_grid_shape, normalize_spacing
+from dirnet_tf.affine import AffineRegressor, affine_displacement
+from dirnet_tf.bspline import bounded_control_points, control_grid_shape, normalize_spacing
 from dirnet_tf.layers import BSplineTransformer, Regressor, Resampler
+from dirnet_tf.warping import compose_displacements
 
 __all__ = ["DIRNet"]
 
@@ -48,6 +50,31 @@ class DIRNet(keras.Model):
         gradient also flows through the warped image that a later pass sees
         into the earlier passes (on MNIST this trained markedly better than
         treating that image as a constant).
+    stages : sequence or None
+        The transform as successive stages, e.g. ``("affine", 8, 4)``: an affine
+        stage (:class:`dirnet_tf.affine.AffineRegressor`, identity at start) and
+        B-spline stages from coarse to fine (each an int grid spacing, with a
+        regressor of its own and ``passes`` passes).  Every step sees the fixed
+        image and the moving image warped by the steps before it, and the steps
+        are **composed** (:func:`dirnet_tf.warping.compose_displacements`), not
+        added; ``displacement`` is the total field and ``warped`` the moving
+        image resampled once at ``x + displacement(x)``.  ``None`` (default):
+        one B-spline stage at ``grid_spacing``, as in the paper.
+    bounded : bool
+        Folding-free by construction: every B-spline step's control points are
+        squashed below the injectivity bound
+        (:func:`dirnet_tf.bspline.bounded_control_points`, 0.48 / 0.40 of the
+        spacing in 2-D / 3-D) and the affine matrix below 0.9 / ndim per entry,
+        so each step is injective, and passes are composed (not added) so the
+        total map is a composition of injective maps.
+    symmetric : bool
+        Every step predicts ``r(F, W) - r(W, F)`` (the regressor on both orders):
+        identical inputs give exactly the identity, and swapping fixed and moving
+        negates the step.
+    normalize_inputs : bool
+        The regressors see each image standardised (zero mean, unit standard
+        deviation per image), so a change of intensity scale does not change the
+        result; the moving image itself is warped as it is.
     **kwargs
         Passed to ``keras.Model`` (e.g. ``name``).
 
@@ -89,6 +116,10 @@ class DIRNet(keras.Model):
         bending_weight=0.0,
         folding_weight=0.0,
         passes=1,
+        stages=None,
+        bounded=False,
+        symmetric=False,
+        normalize_inputs=False,
         **kwargs,
     ):
         kwargs.setdefault("name", "dirnet")
@@ -104,32 +135,70 @@ class DIRNet(keras.Model):
         self.similarity = similarity
         self.bending_weight = float(bending_weight)
         self.folding_weight = float(folding_weight)
-        self._objective = _losses.registration_objective(
-            similarity, self.bending_weight, self.folding_weight, self.image_shape, self.grid_spacing)
         self.passes = int(passes)
         if self.passes < 1:
             raise ValueError(f"passes must be >= 1, got {passes!r}")
-        self.regressor = Regressor(
-            self.image_shape,
-            self.grid_spacing,
-            filters=filters,
-            pointwise_filters=pointwise_filters,
-            batch_norm=batch_norm,
-            activation=activation,
-            convs_per_level=convs_per_level,
-            name="regressor",
-            dtype=self.dtype_policy,
-        )
+        self.stages = None if stages is None else tuple(_parse_stage(st) for st in stages)
+        if self.stages is not None and not any(st != "affine" for st in self.stages):
+            raise ValueError(f"stages must hold at least one B-spline grid spacing, got {stages!r}")
+        self.bounded = bool(bounded)
+        self.symmetric = bool(symmetric)
+        self.normalize_inputs = bool(normalize_inputs)
+        spline_spacings = ([self.grid_spacing] if self.stages is None else
+                           [normalize_spacing(st, self.ndim) for st in self.stages if st != "affine"])
+        # The finest B-spline stage gives the model's grid (metadata, transform export).
+        self.grid_spacing = spline_spacings[-1]
+        self.grid_shape = control_grid_shape(self.image_shape, self.grid_spacing)
+        self._spline_spacings = spline_spacings
         # Pixel positions and the compiled resampler stay in float32 under a
         # mixed-precision policy (the regressor computes in the policy's dtype).
         geometry_dtype = None
         if self.dtype_policy.compute_dtype in ("float16", "bfloat16"):
             geometry_dtype = "float32"
-        self.transformer = BSplineTransformer(
-            self.image_shape, self.grid_spacing, name="bspline", dtype=geometry_dtype
-        )
+        # Saved as given: the stages' regressors have as many levels as their own spacing needs.
+        self._regressor_args = {"filters": filters, "pointwise_filters": pointwise_filters,
+                                "convs_per_level": convs_per_level}
+        regressor_options = dict(filters=filters, pointwise_filters=pointwise_filters, batch_norm=batch_norm,
+                                 activation=activation, convs_per_level=convs_per_level, dtype=self.dtype_policy)
+        # The first B-spline stage keeps the names of the one-stage model (checkpoints).
+        self._spline_names = []
+        for k, spacing in enumerate(spline_spacings):
+            suffix = "" if k == 0 else f"_{k}"
+            setattr(self, "regressor" + suffix,
+                    Regressor(self.image_shape, spacing, name="regressor" + suffix, **regressor_options))
+            setattr(self, "transformer" + suffix,
+                    BSplineTransformer(self.image_shape, spacing, name="bspline" + suffix, dtype=geometry_dtype))
+            self._spline_names.append(("regressor" + suffix, "transformer" + suffix))
+        if self.stages is not None and "affine" in self.stages:
+            width = filters if isinstance(filters, int) else 16
+            self.affine_regressor = AffineRegressor(self.image_shape, filters=width, bounded=self.bounded,
+                                                    name="affine_regressor", dtype=self.dtype_policy)
         self.resampler = Resampler(boundary, name="resampler", dtype=geometry_dtype)
+        self._objective = _losses.registration_objective(
+            similarity, self.bending_weight, self.folding_weight, self.image_shape, self.grid_spacing,
+            step_spacings=None if self._legacy else self._step_spacings())
         self._build_all()
+
+    @property
+    def _legacy(self):
+        """The paper's model and its additive refinement passes (one B-spline stage, no options)."""
+        return self.stages is None and not (self.bounded or self.symmetric or self.normalize_inputs)
+
+    def _steps(self):
+        """The steps of the general path, in order: ``("affine", None)`` or ``("spline", k)``."""
+        stages = self.stages if self.stages is not None else (None,)
+        steps, k = [], 0
+        for stage in stages:
+            if stage == "affine":
+                steps.append(("affine", None))
+            else:
+                steps += [("spline", k)] * self.passes
+                k += 1
+        return steps
+
+    def _step_spacings(self):
+        """Grid spacing of every B-spline step (for the bending energy of each)."""
+        return [self._spline_spacings[k] for kind, k in self._steps() if kind == "spline"]
 
     @property
     def input_dtype(self):
@@ -140,8 +209,12 @@ class DIRNet(keras.Model):
 
     def _build_all(self):
         image = (None,) + self.image_shape + (self.channels,)
-        self.regressor.build(image[:-1] + (2 * self.channels,))
-        self.transformer.build((None,) + self.grid_shape + (self.ndim,))
+        pair = image[:-1] + (2 * self.channels,)
+        for (regressor, transformer), spacing in zip(self._spline_names, self._spline_spacings):
+            getattr(self, regressor).build(pair)
+            getattr(self, transformer).build((None,) + control_grid_shape(self.image_shape, spacing) + (self.ndim,))
+        if hasattr(self, "affine_regressor"):
+            self.affine_regressor.build(pair)
         self.resampler.build(image, (None,) + self.image_shape + (self.ndim,))
         self.built = True
 
@@ -180,6 +253,8 @@ class DIRNet(keras.Model):
 
     def call(self, inputs, training=None):
         fixed, moving = self._unpack(inputs)
+        if not self._legacy:
+            return self._call_steps(fixed, moving, training)
         # Pass 1 sees the moving image; every later pass the current warped one.
         control_points, warped = None, moving
         for _ in range(self.passes):
@@ -194,6 +269,36 @@ class DIRNet(keras.Model):
             "displacement": displacement,
             "control_points": control_points,
         }
+
+    def _call_steps(self, fixed, moving, training):
+        """Stages and passes as composed steps (see ``stages``, ``bounded``, ``symmetric``)."""
+        seen_fixed = _standardize(fixed) if self.normalize_inputs else fixed
+        total, warped, control_point_steps = None, moving, []
+        for kind, k in self._steps():
+            seen_warped = _standardize(warped) if self.normalize_inputs else warped
+            forward = tf.concat([seen_fixed, seen_warped], axis=-1)
+            backward = tf.concat([seen_warped, seen_fixed], axis=-1)
+            if kind == "affine":
+                params = self.affine_regressor(forward)
+                if self.symmetric:
+                    params = params - self.affine_regressor(backward)
+                step = affine_displacement(tf.cast(params, moving.dtype), self.image_shape)
+            else:
+                regressor, transformer = (getattr(self, name) for name in self._spline_names[k])
+                points = regressor(forward, training=training)
+                if self.symmetric:
+                    points = points - regressor(backward, training=training)
+                points = tf.cast(points, moving.dtype)
+                if self.bounded:
+                    points = bounded_control_points(points, self._spline_spacings[k], self.ndim)
+                control_point_steps.append(points)
+                step = transformer(points)
+            total = step if total is None else compose_displacements(total, step)
+            warped = self.resampler(moving, total)
+        outputs = {"warped": warped, "displacement": total, "control_point_steps": control_point_steps}
+        if control_point_steps:
+            outputs["control_points"] = control_point_steps[-1]
+        return outputs
 
     def objective(self, fixed, outputs):
         """The registration objective per pair (pure; no state is changed).
@@ -270,6 +375,12 @@ class DIRNet(keras.Model):
             "bending_weight": self.bending_weight,
             "folding_weight": self.folding_weight,
             "passes": self.passes,
+            **({} if self._legacy else {k: (list(v) if isinstance(v, (list, tuple)) else v)
+                                        for k, v in self._regressor_args.items()}),
+            "stages": None if self.stages is None else list(self.stages),
+            "bounded": self.bounded,
+            "symmetric": self.symmetric,
+            "normalize_inputs": self.normalize_inputs,
         }
 
     @classmethod
@@ -279,3 +390,22 @@ class DIRNet(keras.Model):
         if isinstance(similarity, dict):
             config["similarity"] = keras.saving.deserialize_keras_object(similarity)
         return cls(**config)
+
+
+def _parse_stage(stage):
+    """``"affine"``, or a B-spline grid spacing (int, or a per-axis sequence)."""
+    if isinstance(stage, str):
+        if stage.strip().lower() == "affine":
+            return "affine"
+        try:
+            return int(stage)
+        except ValueError:
+            raise ValueError(f"a stage is 'affine' or a B-spline grid spacing, got {stage!r}") from None
+    return stage if isinstance(stage, (int, tuple)) else tuple(stage)
+
+
+def _standardize(images):
+    """Each image minus its mean, over its standard deviation (all pixels and channels)."""
+    axes = list(range(1, images.shape.rank))
+    mean, variance = tf.nn.moments(images, axes=axes, keepdims=True)
+    return (images - mean) * tf.math.rsqrt(variance + 1e-6)
