@@ -215,15 +215,12 @@ def quality(fixed, moving, warped, displacement, digits):
 
 
 def run_dirnet(export_dir, pairs, batch_size, repeats):
-    """Register the pairs with an exported DIRNet and time it."""
-
-
+    """Register the pairs with an exported DIRNet (and each pair the other way round), and time it."""
     served, _ = load_export(export_dir)
     pred = predict(served, pairs["fixed"], pairs["moving"], batch_size)
-    timing = time_per_pair(served, pairs["fixed"], pairs["moving"], batch_size=batch_size,
-                                    repeats=repeats)
-    single = time_per_pair(served, pairs["fixed"], pairs["moving"], batch_size=1,
-                                    repeats=max(repeats, 20))
+    pred["reverse_displacement"] = predict(served, pairs["moving"], pairs["fixed"], batch_size)["displacement"]
+    timing = time_per_pair(served, pairs["fixed"], pairs["moving"], batch_size=batch_size, repeats=repeats)
+    single = time_per_pair(served, pairs["fixed"], pairs["moving"], batch_size=1, repeats=max(repeats, 20))
     return pred, {"ms_per_pair": timing["ms_per_pair"], "ms_per_pair_min": timing["ms_per_pair_min"],
                   "timing_batch_size": timing["batch_size"], "timing_repeats": timing["repeats"],
                   "ms_per_pair_batch1": single["ms_per_pair"]}
@@ -231,7 +228,6 @@ def run_dirnet(export_dir, pairs, batch_size, repeats):
 
 def _elastix_key(grid_spacing, pairs, threads):
     """Identifies an elastix result: the images, the parameter file's text and the thread count."""
-
 
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(pairs["fixed"], np.float32).tobytes())
@@ -242,7 +238,7 @@ def _elastix_key(grid_spacing, pairs, threads):
     return h.hexdigest()
 
 
-def run_elastix(grid_spacing, pairs, threads, cache_dir=None):
+def run_elastix(grid_spacing, pairs, threads, cache_dir=None, tag=""):
     """Register the pairs with elastix (one after another).
 
     Parameters
@@ -252,13 +248,15 @@ def run_elastix(grid_spacing, pairs, threads, cache_dir=None):
     threads : int or None
         Threads per registration (``None``: ``settings.json``).
     cache_dir : str or None
-        Keep the results (with their timings) in ``elastix_gs{N}.npz`` there and reuse them
+        Keep the results (with their timings) in ``elastix_gs{N}{tag}.npz`` there and reuse them
         when the pairs, the parameter file and the thread count are unchanged.
+    tag : str
+        Cache file suffix (e.g. ``"_reverse"`` for the pairs the other way round).
     """
 
     cache = key = None
     if cache_dir:
-        cache = os.path.join(cache_dir, f"elastix_gs{grid_spacing}.npz")
+        cache = os.path.join(cache_dir, f"elastix_gs{grid_spacing}{tag}.npz")
         key = _elastix_key(grid_spacing, pairs, threads)
         if os.path.isfile(cache):
             with np.load(cache) as z:
@@ -301,7 +299,6 @@ def interleaved_timing(export_dir, grid_spacing, pairs, batch_size, rounds, elas
         ``speedup`` (median of ratios), ``rounds``.
     """
 
-
     served, _ = load_export(export_dir)
     call = as_pair_function(served)  # the call path of time_per_pair
     n = len(pairs["fixed"])
@@ -329,9 +326,9 @@ def interleaved_timing(export_dir, grid_spacing, pairs, batch_size, rounds, elas
 
 def format_table(rows, before):
     """Markdown table of the summaries."""
-    lines = ["| method | NCC | Dice | folding pixels | pairs with folding | ms / pair |",
-             "|---|---|---|---|---|---|",
-             f"| before registration | {before['ncc']:.4f} | {before['dice']:.4f} | - | - | - |"]
+    lines = ["| method | NCC | Dice | folding pixels | pairs with folding | inverse consistency (px) | ms / pair |",
+             "|---|---|---|---|---|---|---|",
+             f"| before registration | {before['ncc']:.4f} | {before['dice']:.4f} | - | - | - | - |"]
     for name, r in rows.items():
         if r.get("passes"):
             name += f" ({r['passes']} pass{'es' if r['passes'] > 1 else ''})"
@@ -340,8 +337,10 @@ def format_table(rows, before):
             t += f" (batch {r['timing_batch_size']}; {r['ms_per_pair_batch1']:.2f} at batch 1)"
         else:
             t += f" ({r['threads']} threads, one pair at a time)"
+        consistency = r.get("inverse_consistency_px")
+        consistency = "-" if consistency is None else f"{consistency:.3f}"
         lines.append(f"| {name} | {r['ncc']:.4f} | {r['dice']:.4f} | {100 * r['folding_fraction']:.3f}% | "
-                     f"{r['pairs_with_folding']} / {r['pairs']} | {t} |")
+                     f"{r['pairs_with_folding']} / {r['pairs']} | {consistency} | {t} |")
     return "\n".join(lines)
 
 
@@ -448,7 +447,9 @@ def main(argv=None):
         summary, scores = quality(pairs["fixed"], pairs["moving"], pred["warped"], pred["displacement"],
                                   pairs["digits"])
         rows[f"DIRNet gs={gs}"] = dict(summary, **timing, pairs=n, model=models[gs],
-                                       passes=export_info(models[gs]).get("passes"))
+                                       passes=export_info(models[gs]).get("passes"),
+                                       inverse_consistency_px=float(metrics.inverse_consistency(
+                                           pred["displacement"], pred["reverse_displacement"]).mean()))
         per_pair[f"DIRNet gs={gs}"] = scores
         _log(f"  NCC {summary['ncc']:.4f}  Dice {summary['dice']:.4f}  folding "
              f"{100 * summary['folding_fraction']:.3f}%  {timing['ms_per_pair']:.3f} ms/pair")
@@ -459,7 +460,12 @@ def main(argv=None):
                                       args.outdir if args.elastix_cache else None)
             summary, scores = quality(pairs["fixed"], pairs["moving"], out["warped"], out["displacement"],
                                       pairs["digits"])
-            rows[f"elastix gs={gs}"] = dict(summary, **timing, pairs=n)
+            reverse, _ = run_elastix(gs, {"fixed": pairs["moving"], "moving": pairs["fixed"]},
+                                     args.elastix_threads, args.outdir if args.elastix_cache else None,
+                                     tag="_reverse")
+            rows[f"elastix gs={gs}"] = dict(summary, **timing, pairs=n,
+                                            inverse_consistency_px=float(metrics.inverse_consistency(
+                                                out["displacement"], reverse["displacement"]).mean()))
             per_pair[f"elastix gs={gs}"] = scores
             _log(f"  NCC {summary['ncc']:.4f}  Dice {summary['dice']:.4f}  folding "
                  f"{100 * summary['folding_fraction']:.3f}%  {timing['ms_per_pair']:.1f} ms/pair")

@@ -34,6 +34,7 @@ __all__ = [
     "jacobian_determinant",
     "folding_fraction",
     "registration_scores",
+    "inverse_consistency",
 ]
 
 
@@ -312,3 +313,39 @@ def registration_scores(fixed, warped, displacement, threshold=0.5):
                             for f, w in zip(fixed, warped)])
     folding = np.asarray(folding_fraction(displacement)) if len(fixed) else np.zeros(0)
     return {"ncc": ncc_values, "dice": dice_values, "folding": folding}
+
+
+def inverse_consistency(forward, backward, spacing=None):
+    """Mean residual of registering a -> b and b -> a and composing the two (0 = consistent).
+
+    ``forward`` maps the fixed image a to the moving image b (``x -> x + forward(x)``),
+    ``backward`` the other way; their composition ``x -> x + forward(x) + backward(x +
+    forward(x))`` should be the identity.  ``backward`` is interpolated linearly (edge values
+    outside).
+
+    Parameters
+    ----------
+    forward, backward : arrays ``[*spatial, ndim]`` or batched ``[B, *spatial, ndim]`` (pixels, ij).
+    spacing : float or sequence or None
+        Pixel size per axis: the residual in mm instead of pixels.
+
+    Returns
+    -------
+    float for one pair, array ``[B]`` for a batch: the mean norm of the residual.
+    """
+    forward, batched = _field(forward)
+    backward, _ = _field(backward)
+    if forward.shape != backward.shape:
+        raise ValueError(f"forward {forward.shape} and backward {backward.shape} fields differ in shape")
+    if not batched:
+        forward, backward = forward[None], backward[None]
+    ndim = forward.shape[-1]
+    scale = np.asarray(_spacing(spacing, ndim))
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in forward.shape[1:-1]], indexing="ij"), -1)
+    out = []
+    for f, b in zip(forward, backward):
+        where = np.moveaxis(grid + f, -1, 0)
+        back = np.stack([ndimage.map_coordinates(b[..., c], where, order=1, mode="nearest")
+                         for c in range(ndim)], -1)
+        out.append(float(np.linalg.norm((f + back) * scale, axis=-1).mean()))
+    return np.asarray(out) if batched else out[0]

@@ -84,6 +84,15 @@ def define_flags():
     define("integer", "inference_passes", 0, "Regressor passes of the exported and evaluated "
            "model (0: the same as --passes). A model trained with passes >= 2 keeps improving "
            "with a pass or two more at inference.")
+    define("string", "stages", "", "Transform stages, composed: e.g. 'affine,8,4' (an affine stage, then "
+           "B-spline stages at these grid spacings, each with --passes passes); empty: one B-spline stage "
+           "at --grid_spacing (the paper).")
+    define("bool", "bounded", False, "Folding-free by construction: every step below the injectivity bound, "
+           "steps composed.")
+    define("bool", "symmetric", False, "Every step is r(fixed, warped) - r(warped, fixed): identical images "
+           "give the identity.")
+    define("bool", "normalize_inputs", False, "The regressors see standardised images (intensity scale does "
+           "not change the field).")
     define("enum", "similarity", "ncc", "Similarity loss: ncc (global, the paper), lncc (local, 9-pixel windows) or mse.",
            list(losses.SIMILARITIES))
     define("float", "bending_weight", 0.0, "Weight of the B-spline bending energy (0 = paper).")
@@ -131,7 +140,26 @@ def flags_dict():
     return {name: flags.FLAGS[name].value for name in sorted(_DEFINED)}
 
 
-def run_experiment(run, defaults, errors=()):
+def apply_preset(presets, name):
+    """Set the flags of preset ``name`` that were not given on the command line.
+
+    Parameters
+    ----------
+    presets : dict
+        ``name -> {flag: value}``.
+    name : str
+        ``""`` for none.
+    """
+    if not name:
+        return
+    if name not in presets:
+        raise ValueError(f"--preset={name}: choose one of {sorted(presets)}")
+    for flag, value in presets[name].items():
+        if not flags.FLAGS[flag].present:
+            flags.FLAGS[flag].value = value
+
+
+def run_experiment(run, defaults, errors=(), presets=None):
     """Command-line entry of an experiment: defaults, flag parsing, clean errors.
 
     Applies ``defaults`` to the shared flags, parses the command line with
@@ -147,6 +175,9 @@ def run_experiment(run, defaults, errors=()):
         Flag defaults of this experiment (``flag_name=value``), applied before parsing.
     errors : tuple of exception types
         Experiment-specific expected errors.
+    presets : dict or None
+        ``name -> {flag: value}`` selected by a ``--preset`` flag of the experiment:
+        applied after parsing to the flags not given on the command line.
     """
     expected = (FileNotFoundError, ValueError, TrainingDivergedError) + tuple(errors)
 
@@ -154,6 +185,8 @@ def run_experiment(run, defaults, errors=()):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
         try:
+            if presets:
+                apply_preset(presets, flags.FLAGS["preset"].value)
             run(flags_dict())
         except expected as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -197,7 +230,22 @@ def build_dirnet(image_shape, config, channels=1, boundary="border"):
                   passes=int(config.get("passes", 1)),
                   similarity=config.get("similarity", "ncc"),
                   bending_weight=float(config.get("bending_weight", 0.0)),
-                  folding_weight=float(config.get("folding_weight", 0.0)))
+                  folding_weight=float(config.get("folding_weight", 0.0)),
+                  stages=parse_stages(config.get("stages", "")),
+                  bounded=bool(config.get("bounded", False)), symmetric=bool(config.get("symmetric", False)),
+                  normalize_inputs=bool(config.get("normalize_inputs", False)))
+
+
+def parse_stages(text):
+    """``"affine,8,4"`` -> ``["affine", 8, 4]``; empty -> ``None`` (one stage at --grid_spacing)."""
+    parts = [t.strip().lower() for t in str(text or "").split(",") if t.strip()]
+    if not parts:
+        return None
+    try:
+        return [p if p == "affine" else int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--stages={text}: give 'affine' and/or B-spline grid spacings (powers of two), "
+                         "e.g. --stages=affine,8,4") from None
 
 
 def trainer_from_config(config, image_shape, sampler, strategy=None, validation=None, channels=1,
@@ -288,6 +336,12 @@ def export(trainer, config, image_shape, channels=1, **metadata):
     record = {"image_shape": list(image_shape), "channels": int(channels),
               "grid_spacing": config["grid_spacing"], "boundary": model.boundary,
               "passes": model.passes, "flags": config, "dirnet_tf_version": dirnet_tf.__version__}
+    if model.stages is not None or model.bounded or model.symmetric:
+        # The composed steps in order (a transform export describes them as a chain).
+        record["steps"] = [{"kind": kind, "grid_spacing": None if k is None else list(model._spline_spacings[k])}
+                           for kind, k in model._steps()]
+        record.update(stages=model.stages, bounded=model.bounded, symmetric=model.symmetric,
+                      normalize_inputs=model.normalize_inputs)
     record.update(metadata)
     export_dir = export_saved_model(model, config["export_dir"], image_shape, channels, record)
     print(f"[export] SavedModel written to {export_dir}", flush=True)

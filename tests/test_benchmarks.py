@@ -140,10 +140,11 @@ def test_registration_table_names_the_regressor_passes(tmp_path):
     common = {"ncc": 0.9, "dice": 0.8, "folding_fraction": 0.001, "pairs_with_folding": 3, "pairs": 10}
     rows = {"DIRNet gs=8": dict(common, ms_per_pair=0.7, ms_per_pair_batch1=3.0, timing_batch_size=256,
                                 passes=2),
-            "elastix gs=8": dict(common, ms_per_pair=120.0, threads=2)}
+            "elastix gs=8": dict(common, ms_per_pair=120.0, threads=2, inverse_consistency_px=0.25)}
     table = br.format_table(rows, {"ncc": 0.4, "dice": 0.4}).splitlines()
-    assert table[3].startswith("| DIRNet gs=8 (2 passes) | 0.9000 |")
+    assert table[3].startswith("| DIRNet gs=8 (2 passes) | 0.9000 |") and "| - |" in table[3]
     assert table[4].startswith("| elastix gs=8 | 0.9000 |") and "2 threads" in table[4]
+    assert "| 0.250 |" in table[4] and "inverse consistency" in table[0]
 
     export = tmp_path / "export"
     (export / "assets").mkdir(parents=True)

@@ -267,3 +267,24 @@ def test_hd95_and_mad_anisotropic_spacing_by_hand():
         assert metrics.hd95(b, a, spacing=(ROW_MM, COL_MM)) == pytest.approx(np.percentile(hand, 95)), name
         # The swapped spacing is a different geometry (so a swap bug cannot pass).
         assert metrics.mad(a, b, spacing=(COL_MM, ROW_MM)) != pytest.approx(np.mean(hand)), name
+
+
+def test_inverse_consistency_by_hand():
+    """A translation and its inverse compose to 0; a translation with itself to twice the shift
+    (a sign error in the composition would swap the two); mm with anisotropic spacing."""
+    shape = (12, 10)
+    t = np.zeros(shape + (2,))
+    t[..., 0], t[..., 1] = 1.5, -0.5
+    assert metrics.inverse_consistency(t, -t) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.inverse_consistency(t, t) == pytest.approx(2 * np.hypot(1.5, 0.5))
+    assert metrics.inverse_consistency(t, t, spacing=(2.0, 1.0)) == pytest.approx(2 * np.hypot(3.0, 0.5))
+    # A linear field u(x) = a x (scaling by 1 + a) is undone by v(y) = -a / (1 + a) y exactly,
+    # where the composed position stays inside the grid.
+    ii = np.arange(shape[0], dtype=float)[:, None] * np.ones(shape)
+    a = 0.1
+    u = np.stack([a * ii, np.zeros(shape)], -1)
+    v = np.stack([-a / (1 + a) * ii, np.zeros(shape)], -1)
+    batch = metrics.inverse_consistency(np.stack([u, t]), np.stack([v, -t]))
+    assert batch.shape == (2,) and batch[1] == pytest.approx(0.0, abs=1e-12)
+    # Rows whose image x + u(x) leaves the grid see v clamped at the edge: exact inside only.
+    assert batch[0] < 0.05

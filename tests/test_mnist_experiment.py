@@ -9,6 +9,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from data import mnist
 
@@ -123,6 +124,19 @@ def _assert_metrics_match_recomputation(metrics, logdir):
         assert entry["pairs"] == int(select.sum()), digit
         for key, values in per_pair.items():
             assert entry[key] == pytest.approx(values[select].mean(), abs=1e-6), (digit, key)
+    # Inverse consistency: the a->b field composed with the b->a one (interpolated by hand).
+    back = served(fixed=tf.constant(moving), moving=tf.constant(fixed))["displacement"].numpy()
+    grid = np.stack(np.meshgrid(np.arange(28), np.arange(28), indexing="ij"), -1)
+    residuals = []
+    for f, b in zip(disp, back):
+        where = np.moveaxis(grid + f, -1, 0)
+        interpolated = np.stack([ndimage.map_coordinates(b[..., c], where, order=1, mode="nearest")
+                                 for c in range(2)], -1)
+        residuals.append(np.linalg.norm(f + interpolated, axis=-1).mean())
+    assert metrics["inverse_consistency_px"] == pytest.approx(np.mean(residuals), rel=1e-5)
+    same = served(fixed=tf.constant(fixed), moving=tf.constant(fixed))["displacement"].numpy()
+    assert metrics["identity"]["identical"]["mean_abs_displacement_px"] == pytest.approx(
+        np.linalg.norm(same, axis=-1).mean(), rel=1e-5, abs=1e-9)
 
 
 def test_train_resume_evaluate_export_reload(tmp_path, hdf5):
