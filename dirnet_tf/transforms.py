@@ -102,6 +102,8 @@ import uuid
 
 import numpy as np
 
+from dirnet_tf.bspline import cubic_bspline
+
 __all__ = [
     "DEFAULT_MARGIN",
     "itk_bspline_transform",
@@ -690,12 +692,6 @@ def write_elastix_transform(path, control_points, grid_spacing, affine, image_sh
 # --------------------------------------------------------------------------- #
 
 
-def _beta3(t):
-    a = np.abs(t)
-    return np.where(a < 1.0, 2.0 / 3.0 - a * a + 0.5 * a ** 3,
-                    np.where(a < 2.0, (2.0 - a) ** 3 / 6.0, 0.0))
-
-
 def spline_displacement_at(control_points, grid_spacing, points_ij):
     """The B-spline displacement ``u`` evaluated exactly at arbitrary points.
 
@@ -733,7 +729,7 @@ def spline_displacement_at(control_points, grid_spacing, points_ij):
         for d in range(ndim):
             t = block[:, d] / spacing[d] + 1.0  # continuous control-grid index
             k = np.floor(t).astype(np.int64)[:, None] - 1 + offsets  # the 4 supporting nodes
-            w = _beta3(t[:, None] - k)
+            w = cubic_bspline(t[:, None] - k)
             inside = (k >= 0) & (k < grid[d])
             weights.append(np.where(inside, w, 0.0))
             idx.append(np.clip(k, 0, grid[d] - 1))

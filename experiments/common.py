@@ -333,8 +333,9 @@ def export(trainer, config, image_shape, channels=1, **metadata):
         The export directory.
     """
     model = trainer.model
+    spacing = [int(v) for v in model.grid_spacing]  # the finest B-spline stage's
     record = {"image_shape": list(image_shape), "channels": int(channels),
-              "grid_spacing": config["grid_spacing"], "boundary": model.boundary,
+              "grid_spacing": spacing[0] if len(set(spacing)) == 1 else spacing, "boundary": model.boundary,
               "passes": model.passes, "flags": config, "dirnet_tf_version": dirnet_tf.__version__}
     if model.stages is not None or model.bounded or model.symmetric:
         # The composed steps in order (a transform export describes them as a chain).
