@@ -334,8 +334,8 @@ def main(argv=None):
     reg = ElastixRegistration(args.grid_spacing, threads=args.threads,
                               parameter_file=args.parameter_file)
     out = reg.register_batch(fixed, moving, compute_displacement=False)
-    before = np.array([metrics.ncc(f, m) for f, m in zip(fixed, moving)])
-    after = np.array([metrics.ncc(f, w) for f, w in zip(fixed, out["warped"])])
+    before = metrics.ncc(fixed, moving, batched=True)
+    after = metrics.ncc(fixed, out["warped"], batched=True)
     summary = {
         "grid_spacing": args.grid_spacing, "threads": reg.threads,
         "parameter_file": os.path.relpath(reg.parameter_file), "pairs": int(len(fixed)),

@@ -1,4 +1,4 @@
-"""Registration evaluation metrics (numpy / scipy; not differentiable).
+"""Registration evaluation metrics (numpy / scipy, float64; not differentiable).
 
 All functions take numpy arrays (TF tensors are converted) and return Python
 floats or numpy arrays.  Conventions:
@@ -24,6 +24,8 @@ pixels, or in mm when ``spacing`` (per axis) is given.  Two empty masks give
 import numpy as np
 from scipy import ndimage
 
+from dirnet_tf import losses as _losses
+
 __all__ = [
     "ncc",
     "dice",
@@ -44,29 +46,34 @@ def _np(x):
     return np.asarray(x)
 
 
-def ncc(a, b, eps=1e-12):
-    """Global normalised cross-correlation of two images.
+def ncc(a, b, batched=False):
+    """Global normalised cross-correlation of two images (or of every pair of a batch), float64.
+
+    The same definition as the training similarity (:func:`dirnet_tf.losses.ncc`, the one
+    implementation), evaluated in float64 without its stabiliser; a constant image gives 0.
 
     Parameters
     ----------
-    a, b : array_like of the same shape (any shape; one pair).
-    eps : float
-        Stabiliser; if either image is constant the result is 0.
+    a, b : array_like of the same shape (any shape).
+    batched : bool
+        The first axis indexes pairs: one NCC per pair.
 
     Returns
     -------
-    float in ``[-1, 1]``.
+    float in ``[-1, 1]``; an array ``[P]`` with ``batched``.
     """
     a = _np(a).astype(np.float64)
     b = _np(b).astype(np.float64)
     if a.shape != b.shape:
         raise ValueError(f"ncc needs images of the same shape, got {a.shape} and {b.shape}")
-    a = a - a.mean()
-    b = b - b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    if denom <= eps:
-        return 0.0
-    return float((a * b).sum() / denom)
+    flat_a = a.reshape(len(a) if batched else 1, -1)
+    flat_b = b.reshape(flat_a.shape)
+    if flat_a.size == 0:
+        return np.zeros(len(flat_a)) if batched else 0.0
+    constant = (np.ptp(flat_a, axis=1) == 0) | (np.ptp(flat_b, axis=1) == 0)
+    values = _losses.ncc(flat_a[..., None], flat_b[..., None], eps=0.0).numpy()
+    values = np.where(constant, 0.0, values)
+    return values if batched else float(values[0])
 
 
 def dice(labels_a, labels_b, labels=None, background=0):
@@ -308,7 +315,7 @@ def registration_scores(fixed, warped, displacement, threshold=0.5):
         foregrounds) and ``folding`` (:func:`folding_fraction`).
     """
     fixed, warped = _np(fixed), _np(warped)
-    ncc_values = np.array([ncc(f, w) for f, w in zip(fixed, warped)])
+    ncc_values = ncc(fixed, warped, batched=True)
     dice_values = np.array([dice(f[..., 0] > threshold, w[..., 0] > threshold)["mean"]
                             for f, w in zip(fixed, warped)])
     folding = np.asarray(folding_fraction(displacement)) if len(fixed) else np.zeros(0)

@@ -310,8 +310,8 @@ def evaluate(fn, pairs, spacing, boundary="border", timing_batch_size=64):
     per_pair = contour_metrics(pairs["fixed_labels"], pairs["moving_labels"], warped_labels,
                                pairs["annotated"], spacing)
     folding = np.asarray(metrics.folding_fraction(pred["displacement"]))
-    ncc_before = np.array([metrics.ncc(f, m) for f, m in zip(pairs["fixed"], pairs["moving"])])
-    ncc_after = np.array([metrics.ncc(f, w) for f, w in zip(pairs["fixed"], pred["warped"])])
+    ncc_before = metrics.ncc(pairs["fixed"], pairs["moving"], batched=True)
+    ncc_after = metrics.ncc(pairs["fixed"], pred["warped"], batched=True)
     timing = time_per_pair(fn, pairs["fixed"], pairs["moving"], batch_size=timing_batch_size)
     directions = np.array([r["direction"] for r in pairs["records"]])
     everything = np.ones(len(directions), bool)

@@ -93,7 +93,7 @@ def evaluate(fn, fixed, moving, digits, batch_size=256):
         same = predict(fn, fixed, other, batch_size)
         identity[name] = {
             "mean_abs_displacement_px": float(np.linalg.norm(same["displacement"], axis=-1).mean()),
-            "ncc": float(np.mean([metrics.ncc(f, w) for f, w in zip(other, same["warped"])])),
+            "ncc": float(np.mean(metrics.ncc(other, same["warped"], batched=True))),
         }
 
     def summary(sel):

@@ -192,8 +192,8 @@ def evaluate(fn, data, eval_pairs, boundary, spacing, timing_batch_size=8):
     fixed, moving = images[eval_pairs[:, 0]], images[eval_pairs[:, 1]]
     pred = predict(fn, fixed, moving, batch_size=max(1, timing_batch_size))
     disp = pred["displacement"]
-    ncc_before = np.array([metrics.ncc(f, m) for f, m in zip(fixed, moving)])
-    ncc_after = np.array([metrics.ncc(f, w) for f, w in zip(fixed, pred["warped"])])
+    ncc_before = metrics.ncc(fixed, moving, batched=True)
+    ncc_after = metrics.ncc(fixed, pred["warped"], batched=True)
     folding = np.asarray(metrics.folding_fraction(disp)).reshape(-1)
     magnitude_vox = np.linalg.norm(disp, axis=-1)
     magnitude_mm = np.linalg.norm(disp * np.asarray(spacing), axis=-1)

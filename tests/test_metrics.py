@@ -19,6 +19,8 @@ def test_ncc_hand_cases():
     # |a'|^2 = 5, |b'|^2 = .75 -> 1.5 / sqrt(3.75)
     assert metrics.ncc(a, np.array([[0.0, 0.0], [0.0, 1.0]])) == pytest.approx(1.5 / math.sqrt(3.75))
     assert metrics.ncc(a, np.ones_like(a)) == 0.0
+    batch = metrics.ncc(np.stack([a, a, a]), np.stack([3 * a - 7, -a, np.ones_like(a)]), batched=True)
+    np.testing.assert_allclose(batch, [1.0, -1.0, 0.0], atol=1e-12)
     with pytest.raises(ValueError, match="same shape"):
         metrics.ncc(a, a[:1])
 
