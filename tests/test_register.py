@@ -1,5 +1,6 @@
 """``python -m experiments.register``: register two image files with an exported model."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -191,3 +192,656 @@ def test_rgb_input_is_converted_to_luma_grey(tmp_path, export_dir):
     from_grey = register.register(export_dir, fixed, str(tmp_path / "grey.npy"))
     np.testing.assert_allclose(from_rgb["warped"], from_grey["warped"], atol=1e-5)  # inputs equal to ~1e-7
     np.testing.assert_allclose(from_rgb["displacement"], from_grey["displacement"], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# Exports with a model grid (as experiments.train writes them): any size, spacing, format
+# --------------------------------------------------------------------------- #
+
+
+class _Bundle:
+    """An export on disk, the Keras model it was made from, and its ModelGrid."""
+
+    def __init__(self, path, model, grid, grid_spacing):
+        self.path, self.model, self.grid, self.grid_spacing = path, model, grid, grid_spacing
+
+
+def _grid_export(tmp_path_factory, shape, spacing_mm, grid_spacing, scale, seed):
+    """A tiny randomised DIRNet exported with the metadata of ``experiments.train``."""
+    from dirnet_tf.preprocessing import ModelGrid
+
+    model = dirnet_tf.DIRNet(shape, grid_spacing, filters=4)
+    rng = np.random.default_rng(seed)
+    for v in model.regressor.trainable_variables[-2:]:  # displacements of about 1-2 model voxels
+        v.assign(rng.normal(0, scale, v.shape).astype(np.float32))
+    grid = ModelGrid(shape, spacing_mm, "percentile")
+    metadata = {"model_grid": grid.to_dict(), "spacing_mm": list(grid.spacing), "image_shape": list(shape),
+                "channels": 1, "grid_spacing": grid_spacing, "boundary": "border", "passes": 1,
+                "displacement_units": "voxels of the model grid, ij (array) order"}
+    path = str(tmp_path_factory.mktemp("grid_model") / "export")
+    export_saved_model(model, path, shape, 1, metadata)
+    return _Bundle(path, model, grid, grid_spacing)
+
+
+@pytest.fixture(scope="module")
+def grid2d(tmp_path_factory):
+    return _grid_export(tmp_path_factory, (16, 20), (2.0, 1.5), 4, 1.0, 2)
+
+
+@pytest.fixture(scope="module")
+def grid3d(tmp_path_factory):
+    return _grid_export(tmp_path_factory, (10, 12, 8), (2.0, 1.5, 2.5), 4, 0.6, 3)
+
+
+def _rotation(axis, angle):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+
+
+def _affine(spacing, angle, translation, axis=(0.0, 0.0, 1.0), flip=False):
+    """Voxel -> RAS mm: a rotation about ``axis`` (2-D: in plane), anisotropic spacing, an offset."""
+    a = np.eye(4)
+    diag = list(spacing) + ([2.5] if len(spacing) == 2 else [])
+    if flip:
+        diag[0] = -diag[0]
+    a[:3, :3] = _rotation(axis, angle) @ np.diag(diag)
+    a[:3, 3] = translation
+    return a
+
+
+def _smooth(shape, seed):
+    """A smooth positive test image (intensities about 150..450, not normalised)."""
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
+    v = np.ones(shape)
+    for _ in range(4):
+        w = rng.normal(0, 0.25, len(shape))
+        v = v + rng.uniform(0.3, 1.0) * np.sin(sum(wi * gi for wi, gi in zip(w, grid)) + rng.uniform(0, 6))
+    return (100 * v + 300).astype(np.float32)
+
+
+def _nifti(path, array, affine):
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.asarray(array), affine)
+    image.header["descrip"] = b"dirnet register test"
+    image.header.set_xyzt_units("mm", "sec")
+    image.to_filename(str(path))
+    return str(path)
+
+
+def _pair(tmp_path, ndim):
+    """Fixed and moving NIfTI files: different shapes, spacings and (non-identity, anisotropic) affines."""
+    if ndim == 2:
+        fixed = _nifti(tmp_path / "f.nii.gz", _smooth((31, 41), 0), _affine((1.0, 0.75), 0.3, (-20, 15, 4)))
+        moving = _nifti(tmp_path / "m.nii.gz", _smooth((26, 35), 1), _affine((1.3, 0.9), 0.25, (-18, 13, 4)))
+    else:
+        fixed = _nifti(tmp_path / "f.nii.gz", _smooth((15, 17, 9), 0),
+                       _affine((1.2, 1.0, 2.0), 0.5, (31.5, -22.0, 14.25), (0.3, -0.5, 0.8), flip=True))
+        moving = _nifti(tmp_path / "m.nii.gz", _smooth((13, 20, 8), 1),
+                        _affine((1.5, 0.9, 2.2), 0.45, (30.0, -21.0, 15.0), (0.3, -0.5, 0.8), flip=True))
+    return fixed, moving
+
+
+def _voxels(shape):
+    return np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), -1)
+
+
+def _reference(bundle, fixed_path, moving_path):
+    """The composed mapping computed here, from the Keras model's own control points.
+
+    Returns ``(W, p_m, u_model, mapping)``: the moving image (scipy, linear,
+    edge-clamped) at ``p_m = T_m(q + u(q))``, ``q = T_f^-1(p_f)`` for every fixed
+    voxel ``p_f``; ``u`` is the spline of the network's control points (never the
+    dense field); the served dense field ``u_model``; ``mapping(p_f) -> p_m`` for
+    any fixed voxel indices.
+    """
+    from dirnet_tf import readers
+    from dirnet_tf.transforms import spline_displacement_at
+
+    fixed, moving = readers.read_image(fixed_path)[0], readers.read_image(moving_path)[0]
+    f, t_f = bundle.grid.prepare(fixed)
+    m, t_m = bundle.grid.prepare(moving)
+    out = bundle.model({"fixed": f[None, ..., None], "moving": m[None, ..., None]})
+    cp = out["control_points"].numpy()[0].astype(np.float64)
+
+    def mapping(p_f):
+        q = (np.asarray(p_f, float) - np.asarray(t_f.offset)) / np.asarray(t_f.scale)
+        return (q + spline_displacement_at(cp, bundle.grid_spacing, q)) * np.asarray(t_m.scale) + np.asarray(t_m.offset)
+
+    p_m = mapping(_voxels(fixed.shape))
+    w = ndimage.map_coordinates(moving.array.astype(np.float64), np.moveaxis(p_m, -1, 0), order=1, mode="nearest")
+    return w, p_m, out["displacement"].numpy()[0], mapping
+
+
+def _inside(p_m, shape):
+    return np.all((p_m >= 0) & (p_m <= np.asarray(shape) - 1), axis=-1)
+
+
+def _listing(folder):
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_nifti_result_on_the_fixed_grid_equals_the_composed_mapping(tmp_path, grid2d, grid3d, ndim):
+    """W keeps the fixed header (affine, spacing, units, description) and equals an independent composition.
+
+    The reference is computed here with scipy from the network's own control points
+    and the library's model-grid geometry; ``--displacement=.npy`` resamples the
+    moving image into W with ``map_coordinates(M, p_f + D)``.
+    Plausible bugs caught: W returned on the model grid or with the moving header,
+    the moving image's grid transform taken equal to the fixed one (shapes and
+    spacings differ here), control points recovered wrongly, ij/xy swaps, the
+    normalised instead of the original intensities.
+    """
+    import nibabel as nib
+
+    bundle = grid2d if ndim == 2 else grid3d
+    fixed, moving = _pair(tmp_path, ndim)
+    out = tmp_path / "out"
+    assert _run_main([f"--model={bundle.path}", f"--fixed={fixed}", f"--moving={moving}",
+                      f"--out={out / 'W.nii.gz'}", f"--displacement={out / 'D.npy'}",
+                      f"--figure={out / 'fig.png'}"]) == 0
+    reference, p_m, u_model, _ = _reference(bundle, fixed, moving)
+    assert np.abs(u_model).max() > 0.5  # a real deformation, in model voxels
+    f_img, w_img = nib.load(fixed), nib.load(str(out / "W.nii.gz"))
+    assert w_img.shape == f_img.shape and w_img.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(w_img.affine, f_img.affine)
+    np.testing.assert_array_equal(w_img.header.get_zooms(), f_img.header.get_zooms())
+    assert w_img.header["descrip"].item() == b"dirnet register test"
+    assert w_img.header.get_xyzt_units() == ("mm", "sec")
+    w = w_img.get_fdata()
+    value_range = np.ptp(reference)
+    print(f"{ndim}-D W vs composed reference: max {np.abs(w - reference).max():.3g} (range {value_range:.0f})")
+    np.testing.assert_allclose(w, reference, rtol=0, atol=1e-6 * value_range)
+    # the deformation matters: without u (q' = q) the moving image lands elsewhere
+    from dirnet_tf import readers
+
+    t_f, t_m = (bundle.grid.transform_for(im.shape, im.spacing) for im in
+                (readers.read_image(fixed)[0], readers.read_image(moving)[0]))
+    unwarped = ndimage.map_coordinates(nib.load(moving).get_fdata(), np.moveaxis(
+        t_m.model_to_image_index(t_f.image_to_model_index(_voxels(f_img.shape))), -1, 0), order=1, mode="nearest")
+    assert np.abs(w - unwarped).max() > 0.05 * value_range
+    d = np.load(out / "D.npy")
+    assert d.shape == f_img.shape + (ndim,) and d.dtype == np.float32
+    np.testing.assert_allclose(d, p_m - _voxels(f_img.shape), atol=1e-4)
+    again = ndimage.map_coordinates(nib.load(moving).get_fdata(), np.moveaxis(_voxels(f_img.shape) + d, -1, 0),
+                                    order=1, mode="nearest")
+    np.testing.assert_allclose(again, w, atol=1e-4 * value_range)
+    assert os.path.getsize(out / "fig.png") > 1000
+    assert _listing(out) == ["D.npy", "W.nii.gz", "fig.png"]  # no temporary file left
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_itk_transform_and_displacement_field_reproduce_w(tmp_path, grid2d, grid3d, ndim):
+    """SimpleITK ReadTransform + Resample, and a DisplacementFieldTransform of --displacement=.nii.gz, give W.
+
+    Compared at fixed voxels whose moving point lies inside the moving image
+    (outside, ITK returns its default value while W repeats the edge).
+    Plausible bugs caught: the composite applied in the wrong order, the geometry
+    step between two different model grids left out, RAS written where ITK expects
+    LPS, ITK's x axis taken for our j, a displacement in voxels instead of mm.
+    """
+    import nibabel as nib
+
+    sitk = pytest.importorskip("SimpleITK")
+    bundle = grid2d if ndim == 2 else grid3d
+    fixed, moving = _pair(tmp_path, ndim)
+    out = tmp_path / "out"
+    model = register.load_model(bundle.path)
+    job = register.Job(fixed, moving, out=str(out / "W.nii.gz"), displacement=str(out / "D.nii.gz"),
+                       transform=str(out / ("T.tfm" if ndim == 2 else "T.h5")))
+    register.run(model, [job])
+    _, p_m, _, _ = _reference(bundle, fixed, moving)
+    inside = _inside(p_m, nib.load(moving).shape)
+    assert inside.mean() > 0.5
+    w = nib.load(str(out / "W.nii.gz")).get_fdata()
+    reference_image = sitk.ReadImage(fixed)
+    moving_image = sitk.ReadImage(moving, sitk.sitkFloat64)
+    transform = sitk.ReadTransform(job.transform)
+    assert transform.GetName() == "CompositeTransform"
+    field = sitk.DisplacementFieldTransform(sitk.ReadImage(job.displacement, sitk.sitkVectorFloat64))
+    scale = np.ptp(w)
+    for name, t in (("transform", transform), ("displacement field", field)):
+        resampled = sitk.GetArrayFromImage(sitk.Resample(moving_image, reference_image, t, sitk.sitkLinear, 0.0,
+                                                         sitk.sitkFloat64)).T
+        diff = np.abs(resampled - w)[inside]
+        print(f"{ndim}-D SimpleITK {name} vs W: max {diff.max():.3g} (range {scale:.0f})")
+        assert diff.max() < 2e-6 * scale
+
+
+def test_transformix_reproduces_w_chained_and_single_file(tmp_path, grid2d):
+    """E.txt through transformix gives W: two model grids (chained file) and one shared grid (one file).
+
+    Plausible bugs caught: the elastix chain composed in the wrong order, a
+    relative initial-transform path that transformix cannot find, the model grid
+    instead of the fixed image as output grid, column-major direction mixed up.
+    """
+    import nibabel as nib
+
+    itk = pytest.importorskip("itk")
+    try:
+        itk.TransformixFilter  # noqa: B018 - lazy attribute; missing without itk-elastix
+    except AttributeError:
+        pytest.skip("needs itk-elastix")
+    fixed, moving = _pair(tmp_path, 2)
+    same = _nifti(tmp_path / "m_same.nii.gz", _smooth((31, 41), 5), nib.load(fixed).affine)
+    model = register.load_model(grid2d.path)
+    for name, mov, chained in (("two", moving, True), ("one", same, False)):
+        out = tmp_path / name
+        job = register.Job(fixed, mov, out=str(out / "W.nii.gz"), elastix_transform=str(out / "E.txt"))
+        register.run(model, [job])
+        assert _listing(out) == (["E.bspline.txt", "E.txt", "W.nii.gz"] if chained else ["E.txt", "W.nii.gz"])
+        params = itk.ParameterObject.New()
+        params.ReadParameterFile(job.elastix_transform)
+        result = itk.transformix_filter(itk.imread(mov, itk.F), params, log_to_console=False)
+        got = np.asarray(itk.array_from_image(result), np.float64).T
+        w = nib.load(job.out).get_fdata()
+        _, p_m, _, _ = _reference(grid2d, fixed, mov)
+        inside = _inside(p_m, nib.load(mov).shape)
+        diff = np.abs(got - w)[inside]
+        print(f"transformix ({name} model grid(s)) vs W: max {diff.max():.3g} (range {np.ptp(w):.0f})")
+        assert got.shape == w.shape and diff.max() < 2e-6 * np.ptp(w)  # transformix resamples in float32
+
+
+def test_png_pixel_space_transforms_and_points(tmp_path, grid2d):
+    """PNG images live in ITK's pixel space: the ITK and elastix files resample the PNG files into W.
+
+    Plausible bugs caught: the PNG's array axes taken as ITK's x and y (ITK reads
+    a PNG with x = column), a PNG W written in normalised [0, 1] intensities,
+    voxel points mapped with the fixed instead of the moving image's geometry.
+    """
+    from PIL import Image
+
+    sitk = pytest.importorskip("SimpleITK")
+    fixed = (_smooth((33, 29), 3) / 2).astype(np.uint8)
+    moving = (_smooth((33, 29), 4) / 2).astype(np.uint8)
+    Image.fromarray(fixed).save(tmp_path / "f.png")
+    Image.fromarray(moving).save(tmp_path / "m.png")
+    (tmp_path / "p.csv").write_text("name,i,j\na,3,4.5\nb,20.25,11\nc,32,0\n")
+    out = tmp_path / "out"
+    assert _run_main([f"--model={grid2d.path}", f"--fixed={tmp_path / 'f.png'}", f"--moving={tmp_path / 'm.png'}",
+                      f"--out={out / 'W.png'}", f"--transform={out / 'T.tfm'}", f"--points={tmp_path / 'p.csv'}",
+                      f"--out_points={out / 'q.csv'}", f"--elastix_transform={out / 'E.txt'}"]) == 0
+    reference, p_m, _, mapping = _reference(grid2d, str(tmp_path / "f.png"), str(tmp_path / "m.png"))
+    w = np.asarray(Image.open(out / "W.png"))
+    assert w.dtype == np.uint8 and w.shape == fixed.shape
+    # Tolerances: the control points recovered from the float32 field move points by <~1e-6 pixel,
+    # i.e. <~1e-4 grey levels on these steep 8-bit images.
+    assert np.abs(w.astype(float) - reference).max() <= 0.5 + 1e-3  # rounded moving intensities
+    inside = _inside(p_m, moving.shape)
+    resampled = sitk.GetArrayFromImage(sitk.Resample(
+        sitk.ReadImage(str(tmp_path / "m.png"), sitk.sitkFloat64), sitk.ReadImage(str(tmp_path / "f.png")),
+        sitk.ReadTransform(str(out / "T.tfm")), sitk.sitkLinear, 0.0, sitk.sitkFloat64))
+    assert resampled.shape == fixed.shape  # numpy [i, j]: no transposition for PNG
+    assert np.abs(resampled - reference)[inside].max() < 1e-3
+    assert not os.path.exists(out / "E.bspline.txt")  # same shape and spacing: one model grid, one file
+    itk = pytest.importorskip("itk")
+    if hasattr(itk, "transformix_filter"):
+        params = itk.ParameterObject.New()
+        params.ReadParameterFile(str(out / "E.txt"))
+        got = itk.array_from_image(itk.transformix_filter(itk.imread(str(tmp_path / "m.png"), itk.F), params,
+                                                          log_to_console=False))
+        assert np.abs(np.asarray(got, np.float64) - reference)[inside].max() < 1e-3
+    with open(out / "q.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["name", "i", "j"] and [r[0] for r in rows[1:]] == ["a", "b", "c"]
+    got = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+    np.testing.assert_allclose(got, mapping([[3, 4.5], [20.25, 11], [32, 0]]), atol=1e-4)  # moving voxels, ij
+
+
+def _world_points(affine, voxels, ndim):
+    return np.asarray(voxels, float) @ np.asarray(affine)[:3, :ndim].T + np.asarray(affine)[:3, 3]
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_points_equal_the_dense_field_at_model_grid_points(tmp_path, grid2d, grid3d, ndim):
+    """Fixed points sitting on model-grid voxels map exactly as the served dense field says.
+
+    A fixed point ``p_f = T_f(q)`` with integer ``q`` must go to ``T_m(q + u_m[q])``
+    (``u_m`` = the model's dense displacement there), as RAS mm (``x,y[,z]``) and
+    as voxel indices (``i,j[,k]``); extra columns are copied.  Between grid points
+    the map is the spline of the network's control points.
+    Plausible bugs caught: points mapped through an interpolated field or with the
+    wrong control points, RAS/LPS or ij/xy mix-ups, the fixed geometry used for the
+    moving image, columns reordered.
+    """
+    import nibabel as nib
+
+    from dirnet_tf import readers
+
+    bundle = grid2d if ndim == 2 else grid3d
+    fixed, moving = _pair(tmp_path, ndim)
+    _, _, u_model, mapping = _reference(bundle, fixed, moving)
+    f_img, m_img = readers.read_image(fixed)[0], readers.read_image(moving)[0]
+    t_f = bundle.grid.transform_for(f_img.shape, f_img.spacing)
+    t_m = bundle.grid.transform_for(m_img.shape, m_img.spacing)
+    rng = np.random.default_rng(7)
+    q = np.stack([rng.integers(0, n, 40) for n in bundle.grid.shape], -1).astype(float)
+    p_f = t_f.model_to_image_index(q)
+    keep = np.all((p_f >= 0) & (p_f <= np.asarray(f_img.shape) - 1), -1)
+    q, p_f = q[keep][:12], p_f[keep][:12]
+    extra = rng.uniform(0, np.asarray(f_img.shape) - 1, (5, ndim))  # between grid points
+    points = np.concatenate([p_f, extra])
+    expected_voxels = t_m.model_to_image_index(q + u_model[tuple(q.astype(int).T)])
+    names = ["x", "y", "z"][:ndim]
+    world = _world_points(nib.load(fixed).affine, points, ndim)[:, :ndim]
+    (tmp_path / "world.csv").write_text("id," + ",".join(names) + "\n"
+                                        + "".join(f"p{n}," + ",".join(repr(float(v)) for v in w) + "\n"
+                                                  for n, w in enumerate(world)))
+    (tmp_path / "vox.csv").write_text(",".join(["i", "j", "k"][:ndim]) + ",note\n"
+                                      + "".join(",".join(repr(float(v)) for v in p) + ",x\n" for p in points))
+    model = register.load_model(bundle.path)
+    out = tmp_path / "out"
+    register.run(model, [register.Job(fixed, moving, points=str(tmp_path / "world.csv"),
+                                      out_points=str(out / "world.csv")),
+                         register.Job(fixed, moving, points=str(tmp_path / "vox.csv"),
+                                      out_points=str(out / "vox.csv"))])
+    with open(out / "world.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["id"] + names and [r[0] for r in rows[1:]] == [f"p{n}" for n in range(len(points))]
+    got_world = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+    with open(out / "vox.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0][-1] == "note" and all(r[-1] == "x" for r in rows[1:])
+    got_voxels = np.array([[float(v) for v in r[:-1]] for r in rows[1:]])
+    moving_affine = nib.load(moving).affine
+    n_grid = len(q)
+    err_grid = np.abs(got_voxels[:n_grid] - expected_voxels).max()
+    print(f"{ndim}-D points at model grid points vs dense field: max {err_grid:.3g} moving voxels")
+    np.testing.assert_allclose(got_voxels[:n_grid], expected_voxels, atol=1e-4)
+    np.testing.assert_allclose(got_world[:n_grid], _world_points(moving_affine, expected_voxels, ndim)[:, :ndim],
+                               atol=1e-4)
+    np.testing.assert_allclose(got_voxels, mapping(points), atol=1e-4)
+    np.testing.assert_allclose(got_world, _world_points(moving_affine, mapping(points), ndim)[:, :ndim], atol=1e-4)
+
+
+def test_points_hand_computed_for_an_affine_displacement(tmp_path):
+    """A model whose field is affine, ``u(q) = M q + b``: the point map computed by hand.
+
+    Geometry (see ``ModelGrid.transform_for``): model grid 16 x 16 at 2 mm; fixed
+    32 x 32 at 1 mm (``p_f = 2 q + 0.5``), origin (10, 20); moving 20 x 20 at 1.6 mm
+    (``p_m = 1.25 q' + 0.125``), origin (-5, 3).  The fixed point (17, 26.5) mm is
+    voxel (7, 6.5), ``q = (3.25, 3.0)``, ``u = (0.8025, -0.1825)``, ``q' = (4.0525,
+    2.8175)``, ``p_m = (5.190625, 3.646875)``, i.e. (3.305, 8.835) mm.  A cubic
+    B-spline reproduces affine fields exactly, so the recovered spline must too; the
+    ITK transform must agree (in LPS: x and y negated).
+    """
+    import tensorflow as tf
+
+    from dirnet_tf.preprocessing import ModelGrid
+
+    sitk = pytest.importorskip("SimpleITK")
+    matrix, offset = np.array([[0.05, -0.02], [0.03, 0.04]]), np.array([0.7, -0.4])
+    field = (_voxels((16, 16)) @ matrix.T + offset).astype(np.float32)
+
+    def served(fixed, moving):
+        return {"warped": moving, "displacement": tf.constant(np.repeat(field[None], fixed.shape[0], 0))}
+
+    model = register.Export(served, {}, "affine-field model", (16, 16), 1, ModelGrid((16, 16), 2.0, "minmax"),
+                            (4, 4), "border")
+    fixed_affine, moving_affine = np.eye(4), np.diag([1.6, 1.6, 1.0, 1.0])
+    fixed_affine[:3, 3], moving_affine[:3, 3] = (10, 20, 0), (-5, 3, 0)
+    fixed = _nifti(tmp_path / "f.nii.gz", _smooth((32, 32), 0), fixed_affine)
+    moving = _nifti(tmp_path / "m.nii.gz", _smooth((20, 20), 1), moving_affine)
+    (tmp_path / "w.csv").write_text("x,y\n17.0,26.5\n")
+    (tmp_path / "v.csv").write_text("i,j\n7,6.5\n")
+    out = tmp_path / "out"
+    register.run(model, [register.Job(fixed, moving, points=str(tmp_path / "w.csv"), out_points=str(out / "w.csv"),
+                                      transform=str(out / "T.tfm")),
+                         register.Job(fixed, moving, points=str(tmp_path / "v.csv"), out_points=str(out / "v.csv"))])
+    world = np.loadtxt(out / "w.csv", delimiter=",", skiprows=1)
+    voxels = np.loadtxt(out / "v.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(world, [3.305, 8.835], atol=1e-5)
+    np.testing.assert_allclose(voxels, [5.190625, 3.646875], atol=1e-5)
+    lps = sitk.ReadTransform(str(out / "T.tfm")).TransformPoint((-17.0, -26.5))
+    np.testing.assert_allclose(lps, [-3.305, -8.835], atol=1e-5)
+
+
+def test_labels_are_carried_to_the_fixed_grid(tmp_path, grid2d):
+    """Moving labels (non-consecutive values) land on the fixed grid, integer, with the fixed header.
+
+    Reference: one-hot maps interpolated (linear, edge-clamped) at the composed
+    moving point of every fixed voxel, argmax, computed here.  Plausible bugs
+    caught: labels warped on the model grid or with the image's linear values
+    (mixing labels 2 and 5 into 3), float output, the moving header, label values
+    renumbered.
+    """
+    import nibabel as nib
+
+    fixed, moving = _pair(tmp_path, 2)
+    m = nib.load(moving)
+    r = np.hypot(*np.moveaxis(_voxels(m.shape) - [13, 17], -1, 0))
+    labels = np.where(r < 5, 2, np.where(r < 9, 5, 0)).astype(np.int16)
+    labels[:4, :] = 1
+    _nifti(tmp_path / "lab.nii.gz", labels, m.affine)
+    out = tmp_path / "out"
+    assert _run_main([f"--model={grid2d.path}", f"--fixed={fixed}", f"--moving={moving}", f"--out={out / 'W.nii'}",
+                      f"--moving_labels={tmp_path / 'lab.nii.gz'}", f"--out_labels={out / 'L.nii.gz'}"]) == 0
+    got = nib.load(str(out / "L.nii.gz"))
+    np.testing.assert_array_equal(got.affine, nib.load(fixed).affine)
+    assert got.shape == nib.load(fixed).shape and np.issubdtype(got.get_data_dtype(), np.integer)
+    values = np.asarray(got.dataobj)
+    _, p_m, _, _ = _reference(grid2d, fixed, moving)
+    weights = np.stack([ndimage.map_coordinates((labels == v).astype(float), np.moveaxis(p_m, -1, 0), order=1,
+                                                mode="nearest") for v in (0, 1, 2, 5)])
+    expected = np.array([0, 1, 2, 5])[np.argmax(weights, 0)]
+    top = np.sort(weights, 0)
+    clear = top[-1] - top[-2] > 1e-3  # no near-tie between two labels
+    assert set(np.unique(values)) <= {0, 1, 2, 5} and {1, 2, 5} <= set(np.unique(values))
+    np.testing.assert_array_equal(values[clear], expected[clear])
+    assert clear.mean() > 0.95
+
+
+def test_pairs_csv_runs_in_batches_and_equals_single_runs(tmp_path, grid2d, monkeypatch):
+    """--pairs: relative paths, per-pair outputs, batches of --batch_size; the same files as single runs.
+
+    Plausible bugs caught: outputs of one pair written for another (a batch
+    misaligned), paths resolved against the working directory instead of the CSV,
+    pairs of different image sizes not batched, a batch result differing from a
+    single run.
+    """
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    fixed, moving = _pair(tmp_path / "data", 2)
+    Image.fromarray((_smooth((33, 29), 3) / 2).astype(np.uint8)).save(tmp_path / "data" / "a.png")
+    Image.fromarray((_smooth((30, 27), 4) / 2).astype(np.uint8)).save(tmp_path / "data" / "b.png")
+    (tmp_path / "data" / "p.csv").write_text("i,j\n3,4\n10.5,7.25\n")
+    rows = [("data/f.nii.gz", "data/m.nii.gz", "out/0.nii.gz", "data/p.csv", "out/0.csv"),
+            ("data/a.png", "data/b.png", "out/1.npy", "", ""),
+            ("data/m.nii.gz", "data/f.nii.gz", "out/2.nii.gz", "data/p.csv", "out/2.csv")]
+    (tmp_path / "pairs.csv").write_text("fixed,moving,out,points,out_points\n"
+                                        + "".join(",".join(r) + "\n" for r in rows))
+    calls = []
+    infer = register.infer
+
+    def counting(model, prepared, batch_size=16):
+        calls.append(len(prepared))
+        return infer(model, prepared, batch_size)
+
+    monkeypatch.setattr(register, "infer", counting)
+    assert _run_main([f"--model={grid2d.path}", f"--pairs={tmp_path / 'pairs.csv'}", "--batch_size=2"]) == 0
+    assert calls == [2, 1]
+    model = register.load_model(grid2d.path)
+    single = tmp_path / "single"
+    for n, (f, m, o, p, q) in enumerate(rows):
+        job = register.Job(str(tmp_path / f), str(tmp_path / m), out=str(single / os.path.basename(o)),
+                           points=str(tmp_path / p) if p else None, out_points=str(single / f"{n}.csv") if q else None)
+        register.run(model, [job], batch_size=1)
+    import nibabel as nib
+
+    for name in ("0.nii.gz", "2.nii.gz"):
+        a, b = nib.load(str(tmp_path / "out" / name)).get_fdata(), nib.load(str(single / name)).get_fdata()
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.ptp(b))
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "1.npy"), np.load(single / "1.npy"), atol=1e-3)
+    for name in ("0.csv", "2.csv"):
+        np.testing.assert_allclose(np.loadtxt(tmp_path / "out" / name, delimiter=",", skiprows=1),
+                                   np.loadtxt(single / name, delimiter=",", skiprows=1), atol=1e-6)
+    assert sorted(os.listdir(tmp_path / "out")) == ["0.csv", "0.nii.gz", "1.npy", "2.csv", "2.nii.gz"]
+
+
+def _bad_case(tmp_path, case, grid2d, grid3d):
+    """``(flags, words the message must contain)`` of one bad input; outputs go to tmp_path/out."""
+    fixed, moving = _pair(tmp_path, 2)
+    out = tmp_path / "out"
+    base = [f"--model={grid2d.path}", f"--fixed={fixed}", f"--moving={moving}", f"--out={out / 'W.nii.gz'}"]
+    if case == "unreadable":
+        (tmp_path / "junk.nii.gz").write_bytes(b"not a nifti file")
+        return [f"--model={grid2d.path}", f"--fixed={tmp_path / 'junk.nii.gz'}", f"--moving={moving}",
+                f"--out={out / 'W.nii.gz'}"], ["junk.nii.gz"]
+    if case == "2d_for_3d":
+        return [f"--model={grid3d.path}"] + base[1:], ["f.nii.gz", "3-D"]
+    if case == "labels_shape":
+        _nifti(tmp_path / "lab.nii.gz", np.zeros((31, 41), np.int16), np.eye(4))
+        return base + [f"--moving_labels={tmp_path / 'lab.nii.gz'}", f"--out_labels={out / 'L.nii.gz'}"], \
+            ["lab.nii.gz", "(31, 41)", "(26, 35)"]
+    if case == "points_outside":
+        (tmp_path / "p.csv").write_text("i,j\n1,2\n40,2\n")
+        return base + [f"--points={tmp_path / 'p.csv'}", f"--out_points={out / 'q.csv'}"], ["p.csv", "line 3"]
+    if case == "unwritable":
+        (tmp_path / "afile").write_text("")
+        return base + [f"--displacement={tmp_path / 'afile' / 'D.npy'}"], ["afile", "--displacement"]
+    if case == "oblique_transform":  # fails while writing, after W was staged
+        oblique = _nifti(tmp_path / "o.nii.gz", _smooth((31, 41), 2), _affine((1.0, 0.8), 0.4, (0, 0, 0), (1, 0, 0)))
+        return [f"--model={grid2d.path}", f"--fixed={oblique}", f"--moving={moving}", f"--out={out / 'W.nii.gz'}",
+                f"--transform={out / 'T.tfm'}"], ["--transform", "T.tfm"]
+    if case == "second_pair":  # pair 2 fails after pair 1 was registered and staged
+        (tmp_path / "junk.png").write_bytes(b"not a png")
+        (tmp_path / "pairs.csv").write_text(f"fixed,moving,out\n{fixed},{moving},out/a.nii.gz\n"
+                                            f"{fixed},junk.png,out/b.nii.gz\n")
+        return [f"--model={grid2d.path}", f"--pairs={tmp_path / 'pairs.csv'}", "--batch_size=1"], \
+            ["junk.png", "line 3"]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["unreadable", "2d_for_3d", "labels_shape", "points_outside", "unwritable",
+                                  "oblique_transform", "second_pair"])
+def test_bad_input_is_named_and_leaves_nothing(tmp_path, grid2d, grid3d, capsys, case):
+    """Each bad input: exit status 1, one ``error:`` line naming the file, and no output (nor temporary) file.
+
+    Plausible bugs caught: a traceback or exit status 0, a message that does not
+    say which file, W written before a later output failed (``oblique_transform``:
+    a 2-D plane that a 2-D ITK transform cannot hold; ``second_pair``: pair 2 of a
+    CSV unreadable after pair 1 was done), temporary files left behind.
+    """
+    args, words = _bad_case(tmp_path, case, grid2d, grid3d)
+    capsys.readouterr()
+    assert _run_main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+    assert _listing(tmp_path / "out") == []
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+
+def test_bad_input_from_the_command_line(tmp_path, grid2d):
+    """The same through ``python -m experiments.register``: status 1, the message, no traceback, no file."""
+    args, words = _bad_case(tmp_path, "points_outside", grid2d, None)
+    proc = _cli(args)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and all(w in proc.stderr for w in words)
+    assert _listing(tmp_path / "out") == []
+    proc = _cli([f"--model={grid2d.path}", f"--pairs={tmp_path / 'nope.csv'}", f"--fixed={tmp_path / 'x.png'}"])
+    assert proc.returncode == 2 and "--fixed" in proc.stderr
+
+
+def test_export_without_model_grid_maps_points_and_writes_transforms(tmp_path, export_dir):
+    """An MNIST-style export (no metadata at all): points and the ITK transform work on the pixel grid.
+
+    The grid spacing is found from the field (8 here).  A point on a pixel moves
+    by the served displacement there; SimpleITK resampling the PNG through T.tfm
+    reproduces the served ``warped`` (times 255, as the PNG holds 0..255).
+    """
+    from PIL import Image
+
+    sitk = pytest.importorskip("SimpleITK")
+    rng = np.random.default_rng(5)
+    fixed, moving = _digit(rng), _digit(rng)
+    Image.fromarray(fixed).save(tmp_path / "a.png")
+    Image.fromarray(moving).save(tmp_path / "b.png")
+    (tmp_path / "p.csv").write_text("i,j\n5,7\n20,3\n14,14\n")
+    out = tmp_path / "out"
+    assert _run_main([f"--model={export_dir}", f"--fixed={tmp_path / 'a.png'}", f"--moving={tmp_path / 'b.png'}",
+                      f"--out={out / 'w.npy'}", f"--displacement={out / 'd.npy'}", f"--transform={out / 't.tfm'}",
+                      f"--points={tmp_path / 'p.csv'}", f"--out_points={out / 'q.csv'}"]) == 0
+    d, warped = np.load(out / "d.npy"), np.load(out / "w.npy")
+    assert warped.shape == (28, 28, 1) and d.shape == (28, 28, 2)
+    got = np.loadtxt(out / "q.csv", delimiter=",", skiprows=1)
+    p = np.array([[5, 7], [20, 3], [14, 14]])
+    np.testing.assert_allclose(got, p + d[tuple(p.T)], atol=1e-4)
+    resampled = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(tmp_path / "b.png"), sitk.sitkFloat64),
+                                                     sitk.ReadImage(str(tmp_path / "a.png")),
+                                                     sitk.ReadTransform(str(out / "t.tfm")), sitk.sitkLinear, 0.0,
+                                                     sitk.sitkFloat64))
+    inside = _inside(_voxels((28, 28)) + d, (28, 28))
+    assert np.abs(resampled / 255.0 - warped[..., 0])[inside].max() < 1e-4
+
+
+def test_control_point_recovery_and_pixel_space():
+    """The helpers behind the exact point map, checked on fields built here.
+
+    Plausible bugs caught: a pseudo-inverse along the wrong axis (recovery is
+    only exact with all axes right), a rank-deficient fit (spacing 1) called
+    exact, a finer grid spacing detected than the field's, the pixel affine not
+    matching how ITK places a PNG's pixels.
+    """
+    from dirnet_tf.bspline import bspline_displacement
+    from dirnet_tf.transforms import spline_displacement_at
+    from experiments import register_io as rio
+
+    rng = np.random.default_rng(0)
+    for shape, spacing in (((23, 30), (4, 8)), ((9, 14, 11), (2, 4, 4))):
+        grid = tuple(int(np.ceil((n - 1) / s)) + 3 for n, s in zip(shape, spacing))
+        cp = rng.normal(0, 1, grid + (len(shape),))
+        dense = np.asarray(bspline_displacement(cp[None], shape, spacing))[0]
+        got, exact, residual = rio.recover_control_points(dense, spacing)
+        assert exact and residual < 1e-10
+        np.testing.assert_allclose(got, cp, atol=1e-9)
+        axes = [rng.uniform(-3, n + 2, 5) for n in shape]
+        points = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
+        np.testing.assert_allclose(rio.spline_on_axes(cp, spacing, axes), spline_displacement_at(cp, spacing, points),
+                                   atol=1e-12)
+    cp = rng.normal(0, 1, (7, 7, 2))
+    dense = np.asarray(bspline_displacement(cp[None], (28, 28), 8))[0].astype(np.float32)
+    assert rio.detect_grid_spacing(dense) == (8, 8)
+    assert rio.detect_grid_spacing(rng.normal(0, 1, (28, 28, 2))) is None
+    assert not rio.recover_control_points(dense, (1, 1))[1]
+    sitk = pytest.importorskip("SimpleITK")
+    image = sitk.GetImageFromArray(np.zeros((5, 7), np.float32))  # numpy [i, j]: ITK x = j
+    image.SetSpacing((0.7, 1.9))  # (x, y) = (j, i)
+    affine = rio.pixel_affine((1.9, 0.7))  # spacing per array axis i, j
+    lps = np.array(image.TransformContinuousIndexToPhysicalPoint((2.5, 4.0)))  # x = j = 2.5, y = i = 4
+    np.testing.assert_allclose(np.diag([-1, -1, 1]) @ (affine[:3, :3] @ [4.0, 2.5, 0] + affine[:3, 3]),
+                               list(lps) + [0], atol=1e-12)
+
+
+def test_fields_that_do_not_determine_the_spline(tmp_path):
+    """With control points not determined by the field (spacing 1), W still comes out; points are refused.
+
+    W then interpolates the dense field linearly; ``--points`` would not be exact,
+    so it is an error that says why, and nothing is written.
+    """
+    import tensorflow as tf
+
+    from dirnet_tf.preprocessing import ModelGrid
+
+    field = np.zeros((12, 12, 2), np.float32)
+    field[..., 0] = 0.5
+
+    def served(fixed, moving):
+        return {"warped": moving, "displacement": tf.constant(np.repeat(field[None], fixed.shape[0], 0))}
+
+    model = register.Export(served, {}, "spacing-1 model", (12, 12), 1, ModelGrid((12, 12), 2.0, "minmax"),
+                            (1, 1), "border")
+    fixed = _nifti(tmp_path / "f.nii.gz", _smooth((24, 24), 0), np.eye(4))
+    result = register.register(model, fixed, fixed)
+    assert not result["spline"]["exact"] and "not determined" in result["spline"]["problem"]
+    np.testing.assert_allclose(result["field"][2:-2, 2:-2, 0], 1.0, atol=1e-6)  # 0.5 model voxels = 1 voxel
+    (tmp_path / "p.csv").write_text("i,j\n3,3\n")
+    with pytest.raises(register.RegisterError, match="--points needs the exact B-spline"):
+        register.run(model, [register.Job(fixed, fixed, out=str(tmp_path / "o" / "W.nii.gz"),
+                                          points=str(tmp_path / "p.csv"), out_points=str(tmp_path / "o" / "q.csv"))])
+    assert _listing(tmp_path / "o") == []
