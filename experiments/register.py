@@ -137,24 +137,33 @@ from absl import app, flags
 from experiments import register_io as rio
 from experiments.register_io import RegisterError
 
-flags.DEFINE_string("model", None, "Exported SavedModel directory (e.g. exports/mnist).")
-flags.DEFINE_string("fixed", None, "Fixed image: PNG/JPEG/TIFF, .npy, NIfTI, DICOM file or series folder.")
-flags.DEFINE_string("moving", None, "Moving image (same formats).")
+# The command's flags live in a FlagValues of their own: --pairs and --batch_size mean
+# something else in the training commands, which may be imported in the same process.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("model", None, "Exported SavedModel directory (e.g. exports/mnist).", flag_values=FLAGS)
+flags.DEFINE_string("fixed", None, "Fixed image: PNG/JPEG/TIFF, .npy, NIfTI, DICOM file or series folder.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("moving", None, "Moving image (same formats).", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "Warped moving image on the fixed grid (.nii.gz, .nii, .mha, .nrrd, .npy, "
-                    ".png, .tif).")
+                    ".png, .tif).", flag_values=FLAGS)
 flags.DEFINE_string("displacement", None, "Displacement on the fixed grid: .npy (voxel indices, ij) or "
-                    ".nii.gz/.nii/.mha/.nrrd (mm, LPS, an ITK displacement field).")
-flags.DEFINE_string("moving_labels", None, "Integer label map on the moving image's grid.")
-flags.DEFINE_string("out_labels", None, "Where to write the moving labels carried to the fixed grid.")
-flags.DEFINE_string("points", None, "CSV of fixed-image points (columns x,y[,z] in RAS mm, or i,j[,k] voxels).")
-flags.DEFINE_string("out_points", None, "CSV of the corresponding moving-image points.")
-flags.DEFINE_string("transform", None, "ITK transform file (.tfm, .txt, .h5) of the fixed -> moving map.")
-flags.DEFINE_string("elastix_transform", None, "transformix parameter file (.txt) of the fixed -> moving map.")
-flags.DEFINE_string("figure", None, "Optional .png with fixed / moving / warped / grid panels.")
-flags.DEFINE_string("pairs", None, "CSV with columns fixed,moving and optional output columns named like the flags.")
-flags.DEFINE_integer("batch_size", 16, "Pairs per inference batch with --pairs (2-D; 3-D pairs run one at a time).")
+                    ".nii.gz/.nii/.mha/.nrrd (mm, LPS, an ITK displacement field).", flag_values=FLAGS)
+flags.DEFINE_string("moving_labels", None, "Integer label map on the moving image's grid.", flag_values=FLAGS)
+flags.DEFINE_string("out_labels", None, "Where to write the moving labels carried to the fixed grid.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("points", None, "CSV of fixed-image points (columns x,y[,z] in RAS mm, or i,j[,k] voxels).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("out_points", None, "CSV of the corresponding moving-image points.", flag_values=FLAGS)
+flags.DEFINE_string("transform", None, "ITK transform file (.tfm, .txt, .h5) of the fixed -> moving map.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("elastix_transform", None, "transformix parameter file (.txt) of the fixed -> moving map.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("figure", None, "Optional .png with fixed / moving / warped / grid panels.", flag_values=FLAGS)
+flags.DEFINE_string("pairs", None, "CSV with columns fixed,moving and optional output columns named like the flags.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 16, "Pairs per inference batch with --pairs (2-D; 3-D pairs run one at a time).",
+                     flag_values=FLAGS)
 
-FLAGS = flags.FLAGS
 # Grey from RGB: ITU-R 601 luma weights (as dirnet_tf.readers).
 LUMA = np.array([0.299, 0.587, 0.114])
 #: Per-pair input and output names (flags and --pairs columns).
@@ -985,5 +994,23 @@ def main(argv):
     return 0
 
 
+def entry(argv=None):
+    """``python -m experiments.register``: parse the command line into :data:`FLAGS`, run :func:`main`."""
+    argv = sys.argv if argv is None else argv
+    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+        print(__doc__.split("\n\n")[0] + "\n\n" + FLAGS.get_help())
+        return 0
+    try:
+        argv = FLAGS(argv)
+    except flags.Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return main(argv)
+    except app.UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    sys.exit(entry())

@@ -330,3 +330,22 @@ def test_npz_and_pickle_labels_outside_0_9_name_the_file(tmp_path, raw, fmt):
         mnist.convert(str(tmp_path / "m.h5"), source)
     message = str(info.value)
     assert os.path.basename(source) in message and ("12" if fmt == "npz" else "-3") in message, message
+
+
+def test_a_bad_source_file_is_not_called_our_hdf5(tmp_path):
+    """--mnist_source=BAD_FILE: the error speaks of the source (what a source must be), not of
+    the converted HDF5 (whose message would suggest deleting the user's file)."""
+    bad = tmp_path / "downloaded.h5"
+    bad.write_bytes(b"not an hdf5 file at all")
+    with pytest.raises(mnist.MnistDataError) as info:
+        mnist.read_source(str(bad))
+    message = str(info.value)
+    assert "MNIST source" in message and str(bad) in message
+    assert "Delete it" not in message and "idx" in message
+
+
+def test_image_panel_and_figure_show_one_pair_per_digit():
+    from experiments.mnist import first_pair_per_digit
+
+    digits = np.array([3, 3, 1, 7, 1, 3, 7, 0])
+    assert first_pair_per_digit(digits) == [7, 2, 0, 3]  # digits 0, 1, 3, 7: their first pairs

@@ -84,7 +84,7 @@ def _damage(variant, library, workdir):
         raise ValueError(f"unknown variant {variant!r}")
 
 
-def _probe_package_copy(variant, tmp_path):
+def _probe_package_copy(variant, tmp_path, probe=_PROBE):
     """Imports a (damaged) copy of the package in a subprocess; returns the probe's report."""
     source_dir = os.path.dirname(os.path.abspath(dirnet_tf.__file__))
     site = tmp_path / "site"
@@ -95,7 +95,7 @@ def _probe_package_copy(variant, tmp_path):
     workdir.mkdir()
     env = dict(os.environ, PYTHONPATH=str(site), TF_CPP_MIN_LOG_LEVEL="3",
                CUDA_VISIBLE_DEVICES="-1")
-    proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=workdir, env=env,
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"import dirnet_tf failed ({variant}):\n{proc.stderr[-4000:]}"
     lines = [line for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
@@ -124,3 +124,43 @@ def test_broken_library_gives_a_build_hint(variant, tmp_path):
         outcome = report[call]
         assert outcome.get("error") == "RuntimeError", f"{call}() with a {variant} library: {outcome}"
         assert "make build-ops" in outcome["message"], outcome["message"]
+
+
+# Loads a SavedModel holding the op: with TensorFlow alone (no dirnet_tf), and with
+# dirnet_tf.inference.load_export.
+_SAVED_MODEL_PROBE = r"""
+import json, sys
+import tensorflow as tf
+
+def attempt(fn):
+    try:
+        fn()
+    except Exception as exc:
+        return {"error": type(exc).__name__, "message": str(exc)}
+    return {"loaded": True}
+
+export = sys.argv[1] if len(sys.argv) > 1 else EXPORT
+plain = attempt(lambda: tf.saved_model.load(export))
+import dirnet_tf
+from dirnet_tf.inference import load_export
+result = {"file": dirnet_tf.__file__, "plain": plain, "load_export": attempt(lambda: load_export(export))}
+print("PROBE " + json.dumps(result))
+"""
+
+
+@pytest.mark.parametrize("variant", ["intact", "missing"])
+def test_loading_a_saved_model_names_the_op_and_the_fix(variant, tmp_path):
+    """Without the op, TensorFlow's own loader names the unregistered op (Dirnet>Resample), and
+    dirnet_tf.inference.load_export says to run make build-ops; with it, load_export works."""
+    from dirnet_tf.inference import export_saved_model
+
+    export = tmp_path / "export"
+    export_saved_model(dirnet_tf.DIRNet((12, 12), 4, filters=2), str(export), (12, 12))
+    report = _probe_package_copy(variant, tmp_path, _SAVED_MODEL_PROBE.replace("EXPORT", repr(str(export))))
+    assert report["plain"].get("error"), report  # TensorFlow alone cannot load it ...
+    assert "Dirnet>Resample" in report["plain"]["message"]  # ... and says which op is missing
+    if variant == "intact":
+        assert report["load_export"] == {"loaded": True}
+    else:
+        assert report["load_export"]["error"] == "RuntimeError"
+        assert "make build-ops" in report["load_export"]["message"]

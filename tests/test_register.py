@@ -82,10 +82,8 @@ def test_wrong_size_and_bad_files(tmp_path, export_dir, capsys):
     Image.fromarray(np.zeros((32, 30), np.uint8)).save(tmp_path / "big.png")
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "ok.png")
     # the command's main, in this process (the PNG test above runs it as a subprocess)
-    from absl import flags
-
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["register", f"--model={export_dir}", f"--fixed={tmp_path / 'ok.png'}",
+    register.FLAGS.unparse_flags()
+    register.FLAGS(["register", f"--model={export_dir}", f"--fixed={tmp_path / 'ok.png'}",
                  f"--moving={tmp_path / 'big.png'}", f"--out={tmp_path / 'o.png'}"])
     assert register.main(["register"]) == 1
     err = capsys.readouterr().err
@@ -122,14 +120,12 @@ def test_missing_flags_exit_nonzero_and_are_named(tmp_path):
 
 def _run_main(args):
     """``register.main`` in this process with the given flags (restored afterwards)."""
-    from absl import flags
-
-    flags.FLAGS.unparse_flags()
+    register.FLAGS.unparse_flags()
     try:
-        flags.FLAGS(["register"] + args)
+        register.FLAGS(["register"] + args)
         return register.main(["register"])
     finally:
-        flags.FLAGS.unparse_flags()
+        register.FLAGS.unparse_flags()
 
 
 def test_npy_output_is_the_models_warped_image(tmp_path, export_dir):
