@@ -406,7 +406,8 @@ def itk_affine_transform(matrix, affine, moving_affine=None):
     return transform
 
 
-def _extension(path, allowed, what):
+def file_extension(path, allowed, what):
+    """The (lower-case) extension of ``path`` among ``allowed`` (longest first), else ValueError."""
     name = os.fspath(path).lower()
     for ext in sorted(allowed, key=len, reverse=True):
         if name.endswith(ext):
@@ -477,7 +478,7 @@ def write_itk_transform(path, transforms):
     str
         ``path``.
     """
-    ext = _extension(path, ITK_TRANSFORM_EXTENSIONS, "an ITK transform file")
+    ext = file_extension(path, ITK_TRANSFORM_EXTENSIONS, "an ITK transform file")
     sitk = _import_sitk()
     flat = _flatten_transforms(sitk, transforms)
     transform = flat[0] if len(flat) == 1 else sitk.CompositeTransform(flat)
@@ -555,7 +556,7 @@ def write_displacement_field(path, displacement, affine):
     str
         ``path``.
     """
-    ext = _extension(path, FIELD_EXTENSIONS, "a displacement field file")
+    ext = file_extension(path, FIELD_EXTENSIONS, "a displacement field file")
     image = displacement_field_image(displacement, affine)
     direction = np.reshape(image.GetDirection(), (image.GetDimension(),) * 2)
     if ext in (".nii", ".nii.gz") and not np.allclose(direction.T @ direction, np.eye(len(direction)),

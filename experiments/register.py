@@ -133,7 +133,15 @@ import sys
 
 import numpy as np
 from absl import app, flags
+from scipy import ndimage
 
+from dirnet_tf import metrics, readers, transforms
+from dirnet_tf.bspline import normalize_spacing
+from dirnet_tf.inference import load_export, predict
+from dirnet_tf.plotting import registration_figure, volume_figure
+from dirnet_tf.preprocessing import ModelGrid
+from dirnet_tf.readers import Image, InputError
+from dirnet_tf.transforms import itk_geometry, spline_displacement_at
 from experiments import register_io as rio
 from experiments.register_io import RegisterError
 
@@ -284,9 +292,6 @@ class Export:
     @classmethod
     def from_metadata(cls, fn, metadata, path, shape, channels=1):
         """Interpret ``assets/dirnet.json`` (see ``experiments.common.export`` and ``experiments.train``)."""
-        from dirnet_tf.bspline import normalize_spacing
-        from dirnet_tf.preprocessing import ModelGrid
-        from dirnet_tf.readers import InputError
 
         shape = tuple(int(n) for n in shape)
         metadata = dict(metadata or {})
@@ -323,7 +328,6 @@ class Export:
 
 def load_model(path):
     """Load an exported model (:func:`dirnet_tf.inference.load_export`) as an :class:`Export`."""
-    from dirnet_tf.inference import load_export
 
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "saved_model.pb")):
         raise RegisterError(f"{path} is not a SavedModel directory (no saved_model.pb); "
@@ -368,13 +372,11 @@ class Job:
 
 
 def _identity_transform(shape):
-    from dirnet_tf.preprocessing import ModelGrid
 
     return ModelGrid(shape, 1.0, "none").transform_for(shape, 1.0)
 
 
 def _read_one(model, path, what):
-    from dirnet_tf import readers
 
     if not os.path.exists(path) and not readers._H5_SPEC.match(os.fspath(path)):
         raise RegisterError(f"the {what} image {path} does not exist")
@@ -391,7 +393,6 @@ def _read_one(model, path, what):
 
 
 def _read_labels(path, moving, ndim):
-    from dirnet_tf import readers
 
     if not os.path.exists(path):
         raise RegisterError(f"the moving label map {path} does not exist")
@@ -446,7 +447,6 @@ def prepare(model, job):
         index); ``labels`` (int32 on the moving grid) or None; ``points``
         (table) and ``points_fixed`` (fixed voxel indices, ij) or None.
     """
-    from dirnet_tf.readers import Image
 
     if model.grid is None:
         arrays = {}
@@ -488,7 +488,6 @@ def prepare(model, job):
 
 def infer(model, prepared, batch_size=16):
     """Run the served model on prepared pairs (in batches); adds ``warped`` and ``displacement`` to each."""
-    from dirnet_tf.inference import predict
 
     if not prepared:
         return prepared
@@ -538,7 +537,6 @@ def _fixed_axes(result):
 
 def _model_field_at(result, rows):
     """``u_m(q)`` (model voxels, ij) at the fixed voxels of ``rows`` (a slice of axis 0)."""
-    from scipy import ndimage
 
     axes = _fixed_axes(result)
     axes[0] = axes[0][rows]
@@ -554,7 +552,6 @@ def _model_field_at(result, rows):
 
 
 def _sample(array, positions, boundary, order=1):
-    from scipy import ndimage
 
     mode = "nearest" if boundary == "border" else "grid-constant"
     return ndimage.map_coordinates(np.asarray(array, dtype=np.float64), positions, order=order, mode=mode,
@@ -687,7 +684,6 @@ def map_points(model, result, points_fixed, kind="voxel", columns=None):
         (:func:`dirnet_tf.transforms.spline_displacement_at`), in moving voxels
         or moving RAS+ mm.
     """
-    from dirnet_tf.transforms import spline_displacement_at
 
     spline = _require_spline(result, "--points")
     q = result["fixed_grid"].image_to_model_index(points_fixed)
@@ -707,7 +703,6 @@ def model_affines(result):
 
 def itk_transforms(model, result):
     """``[A, B]`` SimpleITK transforms (warp order, LPS mm): the geometry step and the DIRNet B-spline."""
-    from dirnet_tf import transforms
 
     spline = _require_spline(result, "--transform")
     fixed_model, moving_model = model_affines(result)
@@ -717,7 +712,6 @@ def itk_transforms(model, result):
 
 
 def _lps_parts(affine, ndim):
-    from dirnet_tf.transforms import itk_geometry
 
     g = itk_geometry(affine, ndim)
     return np.reshape(g["direction"], (ndim, ndim)) @ np.diag(g["spacing"]), np.asarray(g["origin"])
@@ -725,7 +719,6 @@ def _lps_parts(affine, ndim):
 
 def elastix_parameters(model, result, companion):
     """``(main text, B-spline text or None)`` of ``--elastix_transform`` (see :func:`register_io.elastix_texts`)."""
-    from dirnet_tf import transforms
 
     spline = _require_spline(result, "--elastix_transform")
     ndim = model.ndim
@@ -841,7 +834,6 @@ def write_image(path, image):
 def _save_figure(model, result, path):
     import matplotlib.pyplot as plt
 
-    from dirnet_tf.plotting import registration_figure, volume_figure
 
     args = (result["fixed"], result["moving"], result["warped"], result["displacement"])
     if model.ndim == 2:
@@ -854,7 +846,6 @@ def _save_figure(model, result, path):
 
 def write_outputs(model, job, result, staging):
     """Stage every output of one job (see :class:`register_io.Staging`); returns the target paths."""
-    from dirnet_tf import transforms
 
     fixed = result["fixed_image"]
     written = []
@@ -920,7 +911,6 @@ def _wanted(job):
 
 def summary(result):
     """NCC before / after and the folding fraction (model grid) of one result."""
-    from dirnet_tf import metrics
 
     return {"ncc_before": float(metrics.ncc(result["fixed"], result["moving"])),
             "ncc_after": float(metrics.ncc(result["fixed"], result["warped"])),

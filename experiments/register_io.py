@@ -27,6 +27,8 @@ import uuid
 
 import numpy as np
 
+from dirnet_tf.transforms import file_extension, itk_geometry, write_displacement_field
+
 __all__ = [
     "RegisterError", "pixel_affine", "image_affine", "model_affine", "planar_parts", "itk_grid",
     "axis_basis", "spline_on_axes", "recover_control_points", "fit_tolerance", "detect_grid_spacing",
@@ -126,7 +128,6 @@ def itk_grid(image):
     ValueError
         For a 2-D image whose plane is not axial (ITK's 2-D space is x-y).
     """
-    from dirnet_tf.transforms import itk_geometry
 
     ndim = image.ndim
     if image.affine is None:
@@ -350,11 +351,10 @@ def write_points(path, table, values):
 
 def output_extension(path, allowed, flag):
     """The (lower-case) extension of ``path`` among ``allowed``, or a RegisterError naming ``--flag``."""
-    name = os.fspath(path).lower()
-    for ext in sorted(allowed, key=len, reverse=True):
-        if name.endswith(ext):
-            return ext
-    raise RegisterError(f"--{flag}={path}: unsupported file type; use one of {', '.join(allowed)}")
+    try:
+        return file_extension(path, allowed, "the file")
+    except ValueError:
+        raise RegisterError(f"--{flag}={path}: unsupported file type; use one of {', '.join(allowed)}") from None
 
 
 def _split_extension(path):
@@ -539,7 +539,6 @@ def write_field(tmp, field, image, ext):
     if ext == ".npy":
         np.save(tmp, np.asarray(field, dtype=np.float32))
         return
-    from dirnet_tf.transforms import write_displacement_field
 
     write_displacement_field(tmp, field, image_affine(image))
 
