@@ -25,7 +25,7 @@ import tensorflow as tf
 from dirnet_tf.resample_op import load_ops
 
 __all__ = ["predict", "as_pair_function", "time_per_pair", "export_saved_model", "load_export",
-           "METADATA_FILE"]
+           "step_metadata", "step_output", "METADATA_FILE"]
 
 METADATA_FILE = os.path.join("assets", "dirnet.json")
 
@@ -44,7 +44,9 @@ def predict(fn, fixed, moving, batch_size=256):
     Returns
     -------
     dict
-        ``warped`` and ``displacement`` as numpy arrays.
+        ``warped`` and ``displacement`` as numpy arrays, and every further output
+        of a signature (the ``step_0``, ``step_1``, ... of a model of composed
+        steps, see :func:`export_saved_model`).
     """
     call = as_pair_function(fn)
     outs = {"warped": [], "displacement": []}
@@ -54,8 +56,8 @@ def predict(fn, fixed, moving, batch_size=256):
         raise ValueError(f"fixed {fixed.shape} and moving {moving.shape} must have the same shape")
     for i in range(0, len(fixed), batch_size):
         out = call(tf.constant(fixed[i:i + batch_size]), tf.constant(moving[i:i + batch_size]))
-        for k in outs:
-            outs[k].append(out[k].numpy())
+        for k in out:
+            outs.setdefault(k, []).append(out[k].numpy())
     return {k: (np.concatenate(v) if v else np.zeros((0,) + fixed.shape[1:-1] + (
         fixed.ndim - 2 if k == "displacement" else fixed.shape[-1],), np.float32)) for k, v in outs.items()}
 
@@ -126,10 +128,41 @@ class _ServingModule(tf.Module):
                                       tf.TensorSpec(spec, tf.float32, name="moving")])
         def serve(fixed, moving):
             out = self.model({"fixed": fixed, "moving": moving}, training=False)
-            return {"warped": tf.cast(out["warped"], tf.float32),
-                    "displacement": tf.cast(out["displacement"], tf.float32)}
+            served = {"warped": tf.cast(out["warped"], tf.float32),
+                      "displacement": tf.cast(out["displacement"], tf.float32)}
+            for n, params in enumerate(out.get("step_params") or ()):
+                served[step_output(n)] = tf.cast(params, tf.float32)
+            return served
 
         self.serve = serve
+
+
+def step_output(n):
+    """Name of the serving signature's output holding the parameters of step ``n`` (0-based)."""
+    return f"step_{int(n)}"
+
+
+def step_metadata(model):
+    """The ``steps`` of an export's metadata: each step's kind, grid spacing and output name.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A DIRNet-like model; its ``step_layout()`` (if any) lists the composed steps.
+
+    Returns
+    -------
+    list of dict or None
+        ``{"kind": "affine" | "spline", "grid_spacing": [s, ...] or None, "output":
+        "step_<n>"}`` in the order of the model's ``step_params`` (the total map is
+        ``phi_1 o ... o phi_n``: the last step is applied to a fixed point first);
+        None for a model without composed steps (the paper's model).
+    """
+    layout = model.step_layout() if callable(getattr(model, "step_layout", None)) else None
+    if not layout:
+        return None
+    return [{"kind": kind, "grid_spacing": None if spacing is None else [int(s) for s in spacing],
+             "output": step_output(n)} for n, (kind, spacing) in enumerate(layout)]
 
 
 def export_saved_model(model, export_dir, image_shape, channels=1, metadata=None):
@@ -140,6 +173,12 @@ def export_saved_model(model, export_dir, image_shape, channels=1, metadata=None
     (``[None, *image_shape, channels]``) and ``displacement`` (``[None, *image_shape,
     ndim]``, pixels, ij order). Loading it in a new process needs ``import dirnet_tf``
     (or ``dirnet_tf.load_ops()``) first, for the compiled resampler.
+
+    A model of composed steps (``DIRNet.step_layout()`` not None) also returns each
+    step's exact parameters, ``step_0``, ``step_1``, ... (the model's ``step_params``:
+    ``[None, ndim * (ndim + 1)]`` for an affine step, ``[None, *control_grid, ndim]``
+    control points in pixels, ij, for a B-spline step), and the metadata gets their
+    description under ``steps`` (:func:`step_metadata`).
 
     Parameters
     ----------
@@ -153,13 +192,17 @@ def export_saved_model(model, export_dir, image_shape, channels=1, metadata=None
     channels : int
         Channels per image.
     metadata : dict or None
-        Written to ``export_dir/assets/dirnet.json`` (e.g. grid spacing, boundary, flags).
+        Written to ``export_dir/assets/dirnet.json`` (e.g. grid spacing, boundary, flags);
+        for a model of composed steps ``steps`` is set to :func:`step_metadata`.
 
     Returns
     -------
     str
         ``export_dir``.
     """
+    steps = step_metadata(model)
+    if steps is not None:
+        metadata = dict(metadata or {}, steps=steps)
     export_dir = os.path.abspath(export_dir)
     parent = os.path.dirname(export_dir)
     os.makedirs(parent, exist_ok=True)

@@ -88,6 +88,16 @@ class DIRNet(keras.Model):
     * ``"displacement"``: dense field ``[B, *image_shape, ndim]``, pixels, ij;
     * ``"control_points"``: ``[B, *control_grid_shape, ndim]``.
 
+    A model of composed steps (any of ``stages``, ``bounded``, ``symmetric``,
+    ``normalize_inputs``) also returns ``"control_point_steps"`` (the B-spline
+    steps' control points) and ``"step_params"``: every step's parameters in
+    the order of :meth:`step_layout` -- ``[B, ndim * (ndim + 1)]`` for an affine
+    step (as :func:`dirnet_tf.affine.affine_displacement` takes them), the
+    (bounded) control points ``[B, *control_grid, ndim]`` (pixels, ij) for a
+    B-spline step.  ``displacement`` is their composition ``phi_1 o ... o
+    phi_n`` (``phi_k(x) = x + u_k(x)``; ``phi_n`` is applied to the fixed point
+    first), sampled on the pixel grid.
+
     Training
     --------
     The objective is defined once, by :func:`dirnet_tf.losses.registration_objective`
@@ -196,6 +206,22 @@ class DIRNet(keras.Model):
                 k += 1
         return steps
 
+    def step_layout(self):
+        """The composed steps in call order, or None for the paper's model.
+
+        Returns
+        -------
+        list or None
+            ``("affine", None)`` or ``("spline", grid_spacing)`` per step, in the
+            order of the call's ``step_params`` (the order in which the steps are
+            predicted; the total map is ``phi_1 o ... o phi_n``); None for the
+            paper's model and its additive passes (one B-spline, ``control_points``).
+        """
+        if self._legacy:
+            return None
+        return [(kind, None if k is None else tuple(int(s) for s in self._spline_spacings[k]))
+                for kind, k in self._steps()]
+
     def _step_spacings(self):
         """Grid spacing of every B-spline step (for the bending energy of each)."""
         return [self._spline_spacings[k] for kind, k in self._steps() if kind == "spline"]
@@ -273,7 +299,7 @@ class DIRNet(keras.Model):
     def _call_steps(self, fixed, moving, training):
         """Stages and passes as composed steps (see ``stages``, ``bounded``, ``symmetric``)."""
         seen_fixed = _standardize(fixed) if self.normalize_inputs else fixed
-        total, warped, control_point_steps = None, moving, []
+        total, warped, control_point_steps, step_params = None, moving, [], []
         for kind, k in self._steps():
             seen_warped = _standardize(warped) if self.normalize_inputs else warped
             forward = tf.concat([seen_fixed, seen_warped], axis=-1)
@@ -282,7 +308,9 @@ class DIRNet(keras.Model):
                 params = self.affine_regressor(forward)
                 if self.symmetric:
                     params = params - self.affine_regressor(backward)
-                step = affine_displacement(tf.cast(params, moving.dtype), self.image_shape)
+                params = tf.cast(params, moving.dtype)
+                step_params.append(params)
+                step = affine_displacement(params, self.image_shape)
             else:
                 regressor, transformer = (getattr(self, name) for name in self._spline_names[k])
                 points = regressor(forward, training=training)
@@ -292,10 +320,12 @@ class DIRNet(keras.Model):
                 if self.bounded:
                     points = bounded_control_points(points, self._spline_spacings[k], self.ndim)
                 control_point_steps.append(points)
+                step_params.append(points)
                 step = transformer(points)
             total = step if total is None else compose_displacements(total, step)
             warped = self.resampler(moving, total)
-        outputs = {"warped": warped, "displacement": total, "control_point_steps": control_point_steps}
+        outputs = {"warped": warped, "displacement": total, "control_point_steps": control_point_steps,
+                   "step_params": step_params}
         if control_point_steps:
             outputs["control_points"] = control_point_steps[-1]
         return outputs

@@ -80,7 +80,14 @@ point first.  Warping an image first by ``A`` and then the result by ``B``
 gives ``m(phi_A(phi_B(x)))``, so the list ``[A, B]`` in *warp order* is
 exactly the ITK list: :func:`write_itk_transform` keeps the order it is
 given.  (An affine pre-alignment followed by a DIRNet B-spline is
-``[affine, bspline]``.)  When the moving image's model grid has its own
+``[affine, bspline]``.)  A DIRNet of composed steps (an affine step, then
+B-spline steps; ``DIRNet.step_layout``) has the sampling map ``phi_1 o ... o
+phi_n`` (:func:`dirnet_tf.warping.compose_displacements`), so its steps in the
+model's order are already that list: :func:`itk_step_transforms` (ITK),
+:func:`elastix_step_parameters` (elastix files, chained by their initial
+transforms) and :func:`map_points_steps` (points, every spline summed exactly).
+An affine step ``u(x) = M (x - c) + t`` about the grid centre ``c``
+(:mod:`dirnet_tf.affine`) is the voxel map :func:`affine_step_matrix`.  When the moving image's model grid has its own
 affine (each image of a pair is brought onto the model grid with its own
 geometry), the moving voxel ``phi(x)`` lies at ``A_moving phi(x)``: the ITK
 map is ``[itk_affine_transform(eye, affine, moving_affine), bspline]``
@@ -93,7 +100,12 @@ Its ``BSplineTransform`` uses the same grid (``GridSize``, ``GridIndex``,
 ``GridOrigin`` = node of index 0, ``GridSpacing``) and the same coefficient
 order as ITK, but writes ``Direction`` and ``GridDirection`` **column-major**
 (``d00 d10 d01 d11``).  ``Size`` / ``Spacing`` / ``Origin`` / ``Direction``
-describe the fixed image, i.e. the grid transformix resamples onto.
+describe the fixed image, i.e. the grid transformix resamples onto.  Its
+``AffineTransform`` (:func:`elastix_affine_parameters`) maps ``p -> A (p - c) +
+t + c`` with ``TransformParameters`` = ``A`` row-major then ``t``; we write
+``c = 0``.  A file whose ``InitialTransformParametersFileName`` names another
+(with ``HowToCombineTransforms "Compose"``) maps a point through that initial
+transform first.
 """
 
 import math
@@ -117,6 +129,11 @@ __all__ = [
     "map_points",
     "map_points_world",
     "itk_geometry",
+    "affine_step_matrix",
+    "elastix_affine_parameters",
+    "map_points_steps",
+    "itk_step_transforms",
+    "elastix_step_parameters",
 ]
 
 #: Default number of zero control points added on each side of the exported grid.
@@ -388,22 +405,69 @@ def itk_affine_transform(matrix, affine, moving_affine=None):
         Fixed LPS mm -> moving LPS mm: ``p -> L_m (M L_f^-1 (p - o_f) + b) + o_m``
         (centre 0).
     """
+    lin, offset = _physical_affine(matrix, affine, moving_affine)
+    sitk = _import_sitk()
+    transform = sitk.AffineTransform(len(offset))
+    transform.SetMatrix(lin.ravel().tolist())
+    transform.SetTranslation(offset.tolist())
+    return transform
+
+
+def _homogeneous(matrix):
+    """Validate a 3x3 (2-D) or 4x4 (3-D) homogeneous voxel map -> float64 array."""
     m = np.asarray(matrix, dtype=np.float64)
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] not in (3, 4):
         raise ValueError(f"matrix must be a 3x3 (2-D) or 4x4 (3-D) homogeneous voxel map, got shape {m.shape}")
     ndim = m.shape[0] - 1
     if not np.allclose(m[-1], np.eye(ndim + 1)[-1]):
         raise ValueError(f"matrix of shape {m.shape} must end with the row {np.eye(ndim + 1)[-1].tolist()}")
+    if not np.all(np.isfinite(m)):
+        raise ValueError(f"matrix of shape {m.shape} contains non-finite values")
+    return m
+
+
+def _physical_affine(matrix, affine, moving_affine=None):
+    """A homogeneous voxel map as ``(linear, offset)`` of fixed LPS mm -> moving LPS mm."""
+    m = _homogeneous(matrix)
+    ndim = m.shape[0] - 1
     lin_f, o_f = _lps_parts(affine, ndim)
     lin_m, o_m = _lps_parts(affine if moving_affine is None else moving_affine, ndim)
     inv_f = np.linalg.inv(lin_f)
     lin = lin_m @ m[:ndim, :ndim] @ inv_f
-    offset = lin_m @ (m[:ndim, ndim] - m[:ndim, :ndim] @ inv_f @ o_f) + o_m
-    sitk = _import_sitk()
-    transform = sitk.AffineTransform(ndim)
-    transform.SetMatrix(lin.ravel().tolist())
-    transform.SetTranslation(offset.tolist())
-    return transform
+    return lin, lin_m @ (m[:ndim, ndim] - m[:ndim, :ndim] @ inv_f @ o_f) + o_m
+
+
+def affine_step_matrix(params, image_shape):
+    """The homogeneous voxel map of an affine step of a DIRNet (:mod:`dirnet_tf.affine`).
+
+    Parameters
+    ----------
+    params : array_like ``[ndim * (ndim + 1)]`` (or ``[1, ndim * (ndim + 1)]``)
+        Row-major ``M`` then ``t`` (voxels), ij order, as
+        :func:`dirnet_tf.affine.affine_displacement` takes them.
+    image_shape : sequence of int
+        The model grid; its centre ``c = (N - 1) / 2`` is the centre of ``M``.
+
+    Returns
+    -------
+    np.ndarray ``(ndim + 1, ndim + 1)`` float64
+        ``x -> x + M (x - c) + t`` (model voxels, ij), for :func:`itk_affine_transform`
+        and :func:`elastix_affine_parameters`.
+    """
+    shape = tuple(int(n) for n in np.atleast_1d(image_shape))
+    ndim = len(shape)
+    p = np.asarray(params, dtype=np.float64)
+    if p.ndim == 2 and p.shape[0] == 1:
+        p = p[0]
+    if ndim not in (2, 3) or p.shape != (ndim * (ndim + 1),) or not np.all(np.isfinite(p)):
+        raise ValueError(f"affine step parameters must be {ndim * (ndim + 1)} finite numbers (M row-major, "
+                         f"then t) for image_shape {shape}, got shape {np.shape(params)}")
+    m = p[: ndim * ndim].reshape(ndim, ndim)
+    centre = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
+    out = np.eye(ndim + 1)
+    out[:ndim, :ndim] += m
+    out[:ndim, ndim] = p[ndim * ndim:] - m @ centre
+    return out
 
 
 def file_extension(path, allowed, what):
@@ -607,23 +671,87 @@ def elastix_transform_parameters(control_points, grid_spacing, affine, image_sha
     """
     if image_shape is None:
         raise ValueError("image_shape (the fixed grid, voxels ij) is required for an elastix transform")
-    if isinstance(interpolation_order, bool) or interpolation_order not in (0, 1, 2, 3, 4, 5):
-        raise ValueError(f"interpolation_order must be 0..5 (B-spline order), got {interpolation_order!r}")
+    _interpolation_order(interpolation_order)
     grid = _bspline_grid(control_points, grid_spacing, affine, image_shape, margin)
     ndim = grid["ndim"]
-
-    def num(values):
-        return " ".join(repr(float(v)) for v in values)
-
-    def ints(values):
-        return " ".join(str(int(v)) for v in values)
-
     params = grid["parameters"]
+    transform = ['(Transform "BSplineTransform")', f"(NumberOfParameters {params.size})",
+                 f"(TransformParameters {_num(params)})"]
+    bspline_grid = [
+        "// B-spline grid",
+        f"(GridSize {_ints(grid['size'])})",
+        f"(GridIndex {_ints([0] * ndim)})",
+        f"(GridSpacing {_num(grid['spacing'])})",
+        f"(GridOrigin {_num(grid['origin'])})",
+        f"(GridDirection {_num(grid['direction'].ravel(order='F'))})",
+        "(BSplineTransformSplineOrder 3)",
+        '(UseCyclicTransform "false")',
+        "",
+    ]
+    return _elastix_text("DIRNet cubic B-spline", transform, affine, grid["image_shape"], interpolation_order,
+                         default_pixel_value, bspline_grid)
+
+
+def elastix_affine_parameters(matrix, affine, image_shape, moving_affine=None, interpolation_order=1,
+                              default_pixel_value=0.0):
+    """Text of an elastix ``AffineTransform`` parameter file of a voxel-space affine map.
+
+    Parameters
+    ----------
+    matrix : array_like ``(ndim + 1, ndim + 1)``
+        Homogeneous map from fixed voxel indices to moving voxel indices (ij),
+        as for :func:`itk_affine_transform` (e.g. :func:`affine_step_matrix`).
+    affine : array_like
+        The fixed grid's voxel -> RAS+ mm matrix (4x4; 2-D also 3x3 in-plane).
+    image_shape : sequence of int
+        Spatial shape of the fixed grid (``Size``), voxels ij.
+    moving_affine : array_like, optional
+        The moving grid (default ``affine``).
+    interpolation_order, default_pixel_value
+        As for :func:`elastix_transform_parameters`.
+
+    Returns
+    -------
+    str
+        The parameter file: ``p -> A p + t`` in ITK LPS mm (``TransformParameters``
+        = ``A`` row-major then ``t``, centre of rotation 0), the same map as
+        :func:`itk_affine_transform`.
+    """
+    _interpolation_order(interpolation_order)
+    lin, offset = _physical_affine(matrix, affine, moving_affine)
+    ndim = len(offset)
+    shape = tuple(int(n) for n in np.atleast_1d(image_shape))
+    if len(shape) != ndim or min(shape) < 1:
+        raise ValueError(f"image_shape {image_shape!r} must have {ndim} positive entries for a {ndim}-D matrix")
+    params = np.concatenate([lin.ravel(), offset])
+    transform = ['(Transform "AffineTransform")', f"(NumberOfParameters {params.size})",
+                 f"(TransformParameters {_num(params)})", f"(CenterOfRotationPoint {_num([0.0] * ndim)})"]
+    return _elastix_text("Affine map", transform, affine, shape, interpolation_order, default_pixel_value)
+
+
+def _num(values):
+    return " ".join(repr(float(v)) for v in values)
+
+
+def _ints(values):
+    return " ".join(str(int(v)) for v in values)
+
+
+def _interpolation_order(order):
+    if isinstance(order, bool) or order not in (0, 1, 2, 3, 4, 5):
+        raise ValueError(f"interpolation_order must be 0..5 (B-spline order), got {order!r}")
+
+
+def _elastix_text(what, transform_lines, affine, image_shape, interpolation_order, default_pixel_value,
+                  extra_lines=()):
+    """An elastix parameter file: the transform, the fixed image (``affine``, ``image_shape``), resampling."""
+    ndim = len(image_shape)
+    linear, origin = _lps_parts(affine, ndim)
+    spacing = np.linalg.norm(linear, axis=0)
+    direction = (linear / spacing).ravel(order="F")  # elastix: column-major
     lines = [
-        "// DIRNet cubic B-spline exported by dirnet_tf.transforms (physical space: ITK LPS mm).",
-        '(Transform "BSplineTransform")',
-        f"(NumberOfParameters {params.size})",
-        f"(TransformParameters {num(params)})",
+        f"// {what} exported by dirnet_tf.transforms (physical space: ITK LPS mm).",
+        *transform_lines,
         '(InitialTransformParameterFileName "NoInitialTransform")',
         '(InitialTransformParametersFileName "NoInitialTransform")',
         '(UseBinaryFormatForTransformationParameters "false")',
@@ -634,22 +762,14 @@ def elastix_transform_parameters(control_points, grid_spacing, affine, image_sha
         f"(MovingImageDimension {ndim})",
         '(FixedInternalImagePixelType "float")',
         '(MovingInternalImagePixelType "float")',
-        f"(Size {ints(grid['image_shape'])})",
-        f"(Index {ints([0] * ndim)})",
-        f"(Spacing {num(grid['image_spacing'])})",
-        f"(Origin {num(grid['image_origin'])})",
-        f"(Direction {num(grid['direction'].ravel(order='F'))})",
+        f"(Size {_ints(image_shape)})",
+        f"(Index {_ints([0] * ndim)})",
+        f"(Spacing {_num(spacing)})",
+        f"(Origin {_num(origin)})",
+        f"(Direction {_num(direction)})",
         '(UseDirectionCosines "true")',
         "",
-        "// B-spline grid",
-        f"(GridSize {ints(grid['size'])})",
-        f"(GridIndex {ints([0] * ndim)})",
-        f"(GridSpacing {num(grid['spacing'])})",
-        f"(GridOrigin {num(grid['origin'])})",
-        f"(GridDirection {num(grid['direction'].ravel(order='F'))})",
-        "(BSplineTransformSplineOrder 3)",
-        '(UseCyclicTransform "false")',
-        "",
+        *extra_lines,
         "// Resampling",
         '(Interpolator "BSplineInterpolator")',
         "(BSplineInterpolationOrder 1)",
@@ -810,3 +930,89 @@ def map_points_world(control_points, grid_spacing, affine, points_ras_mm, moving
     out = pts.copy()
     out[..., :ndim] = moved.reshape(planar.shape)
     return out
+
+
+# --------------------------------------------------------------------------- #
+# Chains of composed steps
+# --------------------------------------------------------------------------- #
+
+
+def _step(step):
+    """Validate one step of a chain: ``{"kind": "affine", "matrix"}`` or ``{"kind": "spline", ...}``."""
+    kind = step.get("kind") if isinstance(step, dict) else None
+    if kind == "affine" and "matrix" in step:
+        return kind
+    if kind == "spline" and "control_points" in step and "grid_spacing" in step:
+        return kind
+    raise ValueError(f"a step must be {{'kind': 'affine', 'matrix': ...}} or {{'kind': 'spline', "
+                     f"'control_points': ..., 'grid_spacing': ...}}, got {step!r:.200}")
+
+
+def map_points_steps(steps, points_ij):
+    """The composed map ``phi_1(phi_2(... phi_n(x)))`` of a chain of steps at arbitrary points.
+
+    Parameters
+    ----------
+    steps : sequence of dict
+        In the order a model of composed steps predicts them (``DIRNet.step_layout``):
+        ``{"kind": "affine", "matrix": (ndim + 1, ndim + 1)}`` (a homogeneous voxel
+        map, e.g. :func:`affine_step_matrix`) or ``{"kind": "spline",
+        "control_points": [*K, ndim], "grid_spacing": s}`` (``phi(x) = x + u(x)``,
+        :func:`map_points`), all in voxels of one model grid, ij order.  The LAST
+        step is applied to a fixed point first (the composition of
+        :func:`dirnet_tf.warping.compose_displacements`).
+    points_ij : array_like ``(..., ndim)``
+        Fixed points, (fractional) voxels of the model grid, ij order.
+
+    Returns
+    -------
+    np.ndarray ``(..., ndim)`` float64
+        Moving points: every spline summed exactly at the point the later steps
+        moved it to (no interpolation of a dense field).
+    """
+    x = np.asarray(points_ij, dtype=np.float64)
+    for step in reversed(list(steps)):
+        if _step(step) == "affine":
+            m = _homogeneous(step["matrix"])
+            x = x @ m[:-1, :-1].T + m[:-1, -1]
+        else:
+            x = map_points(step["control_points"], step["grid_spacing"], x)
+    return x
+
+
+def itk_step_transforms(steps, affine, image_shape=None, margin=DEFAULT_MARGIN):
+    """One SimpleITK transform per step (LPS mm), in warp order: ``[T_1, ..., T_n]``.
+
+    Parameters
+    ----------
+    steps : sequence of dict
+        As for :func:`map_points_steps`.
+    affine : array_like
+        The model grid's voxel -> RAS+ mm matrix, as for :func:`itk_bspline_transform`.
+    image_shape, margin
+        As for :func:`itk_bspline_transform`.
+
+    Returns
+    -------
+    list of SimpleITK.Transform
+        ``AffineTransform`` (:func:`itk_affine_transform`) or ``BSplineTransform``
+        (:func:`itk_bspline_transform`) per step, in the order of ``steps``: as an
+        ITK ``CompositeTransform`` (:func:`write_itk_transform`) it maps ``p ->
+        T_1(T_2(... T_n(p)))`` -- ITK applies the last transform first, as the chain.
+    """
+    out = []
+    for step in steps:
+        if _step(step) == "affine":
+            out.append(itk_affine_transform(step["matrix"], affine))
+        else:
+            out.append(itk_bspline_transform(step["control_points"], step["grid_spacing"], affine, image_shape,
+                                             margin))
+    return out
+
+
+def elastix_step_parameters(step, affine, image_shape, **kwargs):
+    """The elastix parameter text of one step (:func:`elastix_affine_parameters` or
+    :func:`elastix_transform_parameters`); ``kwargs`` go to either."""
+    if _step(step) == "affine":
+        return elastix_affine_parameters(step["matrix"], affine, image_shape, **kwargs)
+    return elastix_transform_parameters(step["control_points"], step["grid_spacing"], affine, image_shape, **kwargs)

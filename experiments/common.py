@@ -325,7 +325,8 @@ def export(trainer, config, image_shape, channels=1, **metadata):
 
     The metadata (``assets/dirnet.json``) records what a user of the export needs:
     image shape and channels, grid spacing, boundary mode, regressor passes, the
-    flags and the library version, plus the experiment's own ``metadata``.
+    flags and the library version, for a model of composed steps the ``steps``
+    (:func:`dirnet_tf.inference.step_metadata`), plus the experiment's own ``metadata``.
 
     Returns
     -------
@@ -337,10 +338,9 @@ def export(trainer, config, image_shape, channels=1, **metadata):
     record = {"image_shape": list(image_shape), "channels": int(channels),
               "grid_spacing": spacing[0] if len(set(spacing)) == 1 else spacing, "boundary": model.boundary,
               "passes": model.passes, "flags": config, "dirnet_tf_version": dirnet_tf.__version__}
-    if model.stages is not None or model.bounded or model.symmetric:
-        # The composed steps in order (a transform export describes them as a chain).
-        record["steps"] = [{"kind": kind, "grid_spacing": None if k is None else list(model._spline_spacings[k])}
-                           for kind, k in model._steps()]
+    if model.step_layout() is not None:
+        # export_saved_model adds the composed steps in order (``steps``: kind, grid spacing and the
+        # serving output holding each step's parameters), from which a transform export builds the chain.
         record.update(stages=model.stages, bounded=model.bounded, symmetric=model.symmetric,
                       normalize_inputs=model.normalize_inputs)
     record.update(metadata)

@@ -26,8 +26,10 @@ The model returns ``u_m`` (model voxels, ij order) on the fixed image's model
 grid, sampling the moving image's model grid.  For a fixed voxel ``p_f`` (ij):
 
 * ``q = T_f^-1(p_f)``: model index (``GridTransform.image_to_model_index`` of F);
-* ``q' = q + u_m(q)``, ``u_m`` evaluated exactly as the model's cubic B-spline
-  from control points recovered from the dense field (below);
+* ``q' = q + u_m(q)``: for W, the labels and ``--displacement`` ``u_m`` is the
+  served dense field (multilinear between model voxels, or the exact spline of a
+  one-B-spline model, below); for points and transforms the map is evaluated
+  exactly (below);
 * ``p_m = T_m(q')``: voxel of the moving image (``GridTransform.model_to_image_index``
   of M, with M's own shape and spacing);
 * ``W(p_f) = M(p_m)``: multilinear interpolation of the original moving
@@ -38,8 +40,24 @@ Outside the model grid's field of view (a fixed image larger than the model
 grid) the spline is its finite sum, which fades to zero displacement within two
 control-point spacings.
 
-Control points.  The SavedModel returns only ``warped`` and ``displacement``;
-the dense field is a linear function of the control points, so they are
+Composed models.  A model of several steps (``DIRNet(stages=("affine", 8, 4),
+passes=2, ...)``: an affine step, then B-spline steps) composes them, ``q' =
+phi_1(phi_2(... phi_n(q)))`` with ``phi_k(x) = x + u_k(x)`` (the last step is
+applied to the fixed point first; :func:`dirnet_tf.warping.compose_displacements`).
+Its export serves every step's exact parameters (``step_0``, ``step_1``, ...:
+the affine step's ``M`` and ``t`` of ``u(x) = M (x - c) + t`` about the grid
+centre ``c``, each B-spline step's control points), named in the metadata's
+``steps`` (:func:`dirnet_tf.inference.step_metadata`).  Points and transforms
+use this chain, each step evaluated exactly
+(:func:`dirnet_tf.transforms.map_points_steps`); W, the labels and
+``--displacement`` use the served dense total field, which represents the chain
+up to the multilinear interpolation of ``compose_displacements`` (about 0.01 to
+0.02 model voxels on the tests' random models).  An export of composed steps
+written before the steps were served gets W and the fields only.
+
+Control points (an export without step outputs: the paper's model).  Its
+SavedModel returns only ``warped`` and ``displacement``; the dense field is a
+linear function of the control points, so they are
 recovered by separable least squares with the B-spline weight matrices
 (:func:`experiments.register_io.recover_control_points`); this is exact up to
 float32 round-off whenever each weight matrix has full column rank (grid
@@ -80,21 +98,30 @@ optional); or ``i,j[,k]``: voxel indices of F, ij order (any format; the only
 choice for PNG/NPY).  Other columns are copied.  Q holds the corresponding
 points of the moving image in the same kind of coordinates (moving RAS+ mm, or
 moving voxel indices ij) -- the transformix ``-def`` direction -- computed by
-evaluating the spline exactly at each point (no interpolation of the dense
-field).  A point outside F (beyond half a voxel past the border voxel centres)
-is an error.
+evaluating the spline (of a composed model: every step, in turn) exactly at each
+point (no interpolation of the dense field).  A point outside F (beyond half a
+voxel past the border voxel centres) is an error.
 
 ``--transform=T.tfm|.txt|.h5``: an ITK ``CompositeTransform`` ``[A, B]`` in
 LPS mm: ``B`` = the DIRNet ``BSplineTransform`` on F's model grid, ``A`` = the
 affine map from F's model grid to M's model grid (identity when they
 coincide), i.e. ``p -> A(B(p))``; ``SimpleITK.Resample(M, F, ReadTransform(T))``
-gives W (to within interpolation differences at the image border).
+gives W (to within interpolation differences at the image border).  For a
+composed model ``[A, T_1, ..., T_n]``: one transform per step on F's model grid
+(``AffineTransform`` for the affine step, ``BSplineTransform`` for a B-spline
+step); ITK applies the last one first, ``p -> A(T_1(... T_n(p)))``, which is the
+chain (W agrees to within the dense field's interpolation).
 
 ``--elastix_transform=E.txt``: a transformix parameter file with the same map
 and F's grid as output grid.  When the model grids of F and M differ, E.txt is
 an ``AffineTransform`` (the geometry step) whose initial transform is the
 B-spline, written beside it as ``E.bspline.txt`` and referenced by absolute
-path (move both together and edit the path).
+path (move both together and edit the path).  For a composed model E.txt starts
+a chain of files linked the same way (``InitialTransformParametersFileName``,
+``HowToCombineTransforms "Compose"``: each file's initial transform is applied
+to a point first): the geometry step (if any) in E.txt, then step ``k`` in
+``E.step<k>.txt`` (step 1 in E.txt itself when the grids coincide), down to step
+n, which has no initial transform (:func:`elastix_paths`).
 
 ``--figure``: fixed / moving / warped / deformation grid on the model grid
 (3-D: the central slices).
@@ -136,12 +163,11 @@ from absl import app, flags
 from scipy import ndimage
 
 from dirnet_tf import metrics, readers, transforms
-from dirnet_tf.bspline import normalize_spacing
+from dirnet_tf.bspline import control_grid_shape, normalize_spacing
 from dirnet_tf.inference import load_export, predict
 from dirnet_tf.plotting import registration_figure, volume_figure
 from dirnet_tf.preprocessing import ModelGrid
 from dirnet_tf.readers import Image, InputError
-from dirnet_tf.transforms import itk_geometry, spline_displacement_at
 from experiments import register_io as rio
 from experiments.register_io import RegisterError
 
@@ -257,7 +283,8 @@ class Export:
     Attributes
     ----------
     fn : callable
-        ``fn(fixed=..., moving=...) -> {"warped", "displacement"}`` (the serving signature).
+        ``fn(fixed=..., moving=...) -> {"warped", "displacement", ...}`` (the serving
+        signature; a model of composed steps also returns the outputs named in ``steps``).
     metadata : dict
         ``assets/dirnet.json``.
     path : str
@@ -272,6 +299,12 @@ class Export:
         ``border`` or ``zeros``: how the model samples outside the moving image.
     default_spacing : float, tuple or None
         mm per voxel for formats without one (the training's ``--default_spacing``).
+    steps : list of dict or None
+        A model of composed steps: ``{"kind": "affine" | "spline", "grid_spacing":
+        tuple or None, "output": name}`` per step, in the model's order, each
+        naming the serving output with its exact parameters (metadata ``steps``,
+        :func:`dirnet_tf.inference.step_metadata`).  None: the export serves no
+        step parameters (one B-spline, recovered from the dense field).
     """
 
     fn: object
@@ -283,6 +316,7 @@ class Export:
     grid_spacing: tuple = None
     boundary: str = "border"
     default_spacing: object = None
+    steps: list = None
 
     @property
     def ndim(self):
@@ -323,7 +357,28 @@ class Export:
                 values = []
             default_spacing = (values[0] if len(values) == 1 else tuple(values)) if values else None
         return cls(fn, metadata, path, shape, int(channels), grid, spacing, metadata.get("boundary", "border"),
-                   default_spacing)
+                   default_spacing, _served_steps(fn, metadata, path, len(shape)))
+
+
+def _served_steps(fn, metadata, path, ndim):
+    """The metadata's ``steps`` that name serving outputs (see :attr:`Export.steps`), else None."""
+    steps = metadata.get("steps")
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) and s.get("output") for s in steps):
+        return None  # the paper's model, or composed steps exported before their parameters were served
+    outputs = getattr(fn, "structured_outputs", None)
+    served = set(outputs) if isinstance(outputs, dict) else None
+    parsed = []
+    for n, step in enumerate(steps):
+        kind, name = step.get("kind"), step["output"]
+        try:
+            if kind not in ("affine", "spline") or (served is not None and name not in served):
+                raise ValueError(f"expected kind affine or spline and an output among {sorted(served or [])}")
+            spacing = normalize_spacing(step["grid_spacing"], ndim) if kind == "spline" else None
+        except (ValueError, TypeError, KeyError) as exc:
+            raise RegisterError(f"{path}: step {n} of the metadata, {step}, does not describe the served "
+                                f"model: {exc}") from exc
+        parsed.append({"kind": kind, "grid_spacing": spacing, "output": name})
+    return parsed
 
 
 def load_model(path):
@@ -487,24 +542,40 @@ def prepare(model, job):
 
 
 def infer(model, prepared, batch_size=16):
-    """Run the served model on prepared pairs (in batches); adds ``warped`` and ``displacement`` to each."""
+    """Run the served model on prepared pairs (in batches); adds ``warped``, ``displacement`` and
+    ``step_outputs`` (``{output name: parameters}`` of a model of composed steps, else empty) to each."""
 
     if not prepared:
         return prepared
     out = predict(model.fn, np.stack([p["fixed"] for p in prepared]), np.stack([p["moving"] for p in prepared]),
                   batch_size=max(1, int(batch_size)))
+    names = [step["output"] for step in model.steps or ()]
+    missing = [name for name in names if name not in out]
+    if missing:
+        raise RegisterError(f"{model.path}: the model does not return {', '.join(missing)}, which its metadata "
+                            "names as step outputs")
     for n, p in enumerate(prepared):
         p["warped"] = out["warped"][n]
         p["displacement"] = out["displacement"][n]
+        p["step_outputs"] = {name: out[name][n] for name in names}
     return prepared
 
 
 def _spline(model, displacement):
     """Recovered control points and whether they define the field exactly."""
     spacing = model.grid_spacing
-    if spacing is None:
-        spacing = rio.detect_grid_spacing(displacement)
     info = {"spacing": spacing, "control_points": None, "exact": False, "residual": None, "problem": None}
+    composed = len(model.metadata.get("steps") or ())
+    if model.steps is not None:
+        info["problem"] = f"the export composes {len(model.steps)} steps (they are used as a chain)"
+        return info
+    if composed > 1:
+        info["problem"] = (f"the export {model.path} composes {composed} steps but does not serve their parameters "
+                           "(it was exported by an older version); export it again (e.g. `--export_only`) to map "
+                           "points and write transforms")
+        return info
+    if spacing is None:
+        spacing = info["spacing"] = rio.detect_grid_spacing(displacement)
     if spacing is None:
         info["problem"] = (f"the export {model.path} does not record grid_spacing and no B-spline grid of spacing "
                            "2..64 reproduces its displacement")
@@ -522,6 +593,28 @@ def _spline(model, displacement):
     else:
         info["exact"] = True
     return info
+
+
+def _chain(model, result):
+    """The served steps for :func:`dirnet_tf.transforms.map_points_steps` (None without step outputs)."""
+    if model.steps is None:
+        return None
+    chain = []
+    for n, step in enumerate(model.steps):
+        params = np.asarray(result["step_outputs"][step["output"]], dtype=np.float64)
+        if step["kind"] == "affine":
+            try:
+                chain.append({"kind": "affine", "matrix": transforms.affine_step_matrix(params, model.shape)})
+            except ValueError as exc:
+                raise RegisterError(f"{model.path}: step {n} ({step['output']}): {exc}") from exc
+            continue
+        expected = tuple(control_grid_shape(model.shape, step["grid_spacing"])) + (model.ndim,)
+        if params.shape != expected:
+            raise RegisterError(f"{model.path}: step {n} ({step['output']}) has shape {params.shape}; B-spline control "
+                                f"points of grid spacing {step['grid_spacing']} on the {model.shape} model grid are "
+                                f"{expected}")
+        chain.append({"kind": "spline", "control_points": params, "grid_spacing": step["grid_spacing"]})
+    return chain
 
 
 def _is_identity(grid_transform, shape):
@@ -594,6 +687,10 @@ def finish(model, result, want=None, slab_voxels=1 << 21):
     spline : dict
         ``control_points [*K, ndim]`` (model voxels, ij), ``spacing`` (model
         voxels), ``exact``, ``residual`` (model voxels), ``problem`` (why not exact).
+    chain : list of dict or None
+        A model of composed steps: its steps (:func:`dirnet_tf.transforms.map_points_steps`:
+        ``affine`` homogeneous matrices and ``spline`` control points, model voxels,
+        ij) from the served step outputs; None otherwise.
     image : float32 ``[*fixed_shape]``
         W: moving intensities at ``p_m`` (for exports without ``model_grid``:
         the served ``warped`` ``[H, W, C]``, as before).
@@ -614,6 +711,7 @@ def finish(model, result, want=None, slab_voxels=1 << 21):
         want = {"image", "field", "field_fixed", "labels", "points"}
     result["identity"] = _is_identity(result["fixed_grid"], model.shape)
     result["spline"] = _spline(model, result["displacement"])
+    result["chain"] = _chain(model, result)
     moving_grid = result["moving_grid"]
     shape = fixed.shape
     image = np.zeros(shape, np.float32) if "image" in want and model.grid is not None else None
@@ -666,6 +764,18 @@ def _require_spline(result, what):
     return spline
 
 
+def model_steps(result, what):
+    """The map from the fixed to the moving model grid as steps (:func:`dirnet_tf.transforms.map_points_steps`).
+
+    The served chain of a model of composed steps, else the one recovered
+    B-spline (a RegisterError naming ``what`` when it is not exact).
+    """
+    if result.get("chain") is not None:
+        return result["chain"]
+    spline = _require_spline(result, what)
+    return [{"kind": "spline", "control_points": spline["control_points"], "grid_spacing": spline["spacing"]}]
+
+
 def map_points(model, result, points_fixed, kind="voxel", columns=None):
     """Map fixed voxel indices through the registration, evaluating the spline exactly.
 
@@ -680,15 +790,16 @@ def map_points(model, result, points_fixed, kind="voxel", columns=None):
     Returns
     -------
     np.ndarray ``[P, columns]`` float64
-        ``T_m(q + u(q))`` with ``q = T_f^-1(p_f)`` and ``u`` the spline sum
-        (:func:`dirnet_tf.transforms.spline_displacement_at`), in moving voxels
-        or moving RAS+ mm.
+        ``T_m(phi_1(... phi_n(q)))`` with ``q = T_f^-1(p_f)`` and the steps of
+        :func:`model_steps` (one spline ``phi(q) = q + u(q)`` for an export
+        without step outputs), each spline summed exactly
+        (:func:`dirnet_tf.transforms.map_points_steps`), in moving voxels or
+        moving RAS+ mm.
     """
 
-    spline = _require_spline(result, "--points")
+    steps = model_steps(result, "--points")
     q = result["fixed_grid"].image_to_model_index(points_fixed)
-    q = q + spline_displacement_at(spline["control_points"], spline["spacing"], q)
-    p_m = result["moving_grid"].model_to_image_index(q)
+    p_m = result["moving_grid"].model_to_image_index(transforms.map_points_steps(steps, q))
     if kind == "voxel":
         return p_m
     world = _world(rio.image_affine(result["moving_image"]), p_m, model.ndim)
@@ -702,42 +813,51 @@ def model_affines(result):
 
 
 def itk_transforms(model, result):
-    """``[A, B]`` SimpleITK transforms (warp order, LPS mm): the geometry step and the DIRNet B-spline."""
+    """``[A, T_1, ..., T_n]`` SimpleITK transforms (warp order, LPS mm): the geometry step, then the steps.
 
-    spline = _require_spline(result, "--transform")
+    ``A`` maps F's model grid to M's (identity when they coincide); ``T_k`` is
+    step k on F's model grid (:func:`dirnet_tf.transforms.itk_step_transforms`:
+    an ``AffineTransform`` or a ``BSplineTransform``).  As a ``CompositeTransform``
+    (ITK applies the last transform first) it maps ``p -> A(T_1(... T_n(p)))``.
+    """
+
+    steps = model_steps(result, "--transform")
     fixed_model, moving_model = model_affines(result)
-    ndim = model.ndim
-    return [transforms.itk_affine_transform(np.eye(ndim + 1), fixed_model, moving_model),
-            transforms.itk_bspline_transform(spline["control_points"], spline["spacing"], fixed_model, model.shape)]
+    return ([transforms.itk_affine_transform(np.eye(model.ndim + 1), fixed_model, moving_model)]
+            + transforms.itk_step_transforms(steps, fixed_model, model.shape))
 
 
-def _lps_parts(affine, ndim):
+def elastix_parameters(model, result, path):
+    """``[(path, text), ...]`` of ``--elastix_transform=path``: the file for transformix first, then its chain.
 
-    g = itk_geometry(affine, ndim)
-    return np.reshape(g["direction"], (ndim, ndim)) @ np.diag(g["spacing"]), np.asarray(g["origin"])
+    The geometry step (when F's and M's model grids differ), then every step
+    (:func:`dirnet_tf.transforms.elastix_step_parameters`), linked by
+    :func:`register_io.elastix_chain` and named by :func:`elastix_paths`.
+    """
 
-
-def elastix_parameters(model, result, companion):
-    """``(main text, B-spline text or None)`` of ``--elastix_transform`` (see :func:`register_io.elastix_texts`)."""
-
-    spline = _require_spline(result, "--elastix_transform")
-    ndim = model.ndim
+    steps = model_steps(result, "--elastix_transform")
     fixed_model, moving_model = model_affines(result)
-    text = transforms.elastix_transform_parameters(spline["control_points"], spline["spacing"], fixed_model,
-                                                   model.shape, interpolation_order=1)
-    geometry = None
-    if not np.allclose(fixed_model, moving_model, rtol=0, atol=1e-9):
-        lin_f, o_f = _lps_parts(fixed_model, ndim)
-        lin_m, o_m = _lps_parts(moving_model, ndim)
-        matrix = lin_m @ np.linalg.inv(lin_f)
-        geometry = (matrix, o_m - matrix @ o_f)
-    return rio.elastix_texts(text, rio.itk_grid(result["fixed_image"]), geometry, companion)
+    texts = [transforms.elastix_step_parameters(step, fixed_model, model.shape, interpolation_order=1)
+             for step in steps]
+    geometry = not np.allclose(fixed_model, moving_model, rtol=0, atol=1e-9)
+    if geometry:
+        texts.insert(0, transforms.elastix_affine_parameters(np.eye(model.ndim + 1), fixed_model, model.shape,
+                                                             moving_model, interpolation_order=1))
+    paths = elastix_paths(path, len(steps), geometry, single=result.get("chain") is None)
+    return list(zip(paths, rio.elastix_chain(texts, paths, rio.itk_grid(result["fixed_image"]))))
 
 
-def companion_path(path):
-    """``E.bspline.txt`` beside ``E.txt``: the initial transform of a chained elastix file."""
+def elastix_paths(path, num_steps, geometry, single=False):
+    """The files of ``--elastix_transform=E.txt``, the one given to transformix first.
+
+    ``E.txt`` holds the geometry step when there is one, else the first step;
+    step ``k`` of a model of composed steps is ``E.step<k>.txt`` (unless it is in
+    ``E.txt``), the one recovered B-spline of an export without step outputs
+    (``single``) ``E.bspline.txt``.  Each file's initial transform is the next.
+    """
     base, ext = os.path.splitext(os.fspath(path))
-    return f"{base}.bspline{ext}"
+    names = [f"{base}.bspline{ext}"] if single else [f"{base}.step{k}{ext}" for k in range(1, num_steps + 1)]
+    return [os.fspath(path)] + (names if geometry else names[1:])
 
 
 # --------------------------------------------------------------------------- #
@@ -755,7 +875,7 @@ def register(model, fixed_path, moving_path, moving_labels=None, points=None):
         ``displacement`` (served outputs on the model grid; model voxels, ij),
         and everything :func:`prepare` and :func:`finish` add (``image`` = W on
         the fixed grid, ``field``, ``field_fixed``, ``warped_labels``,
-        ``points_moving``, ``spline``, ...).
+        ``points_moving``, ``spline``, ``chain``, ...).
     """
     model = model if isinstance(model, Export) else load_model(model)
     job = Job(fixed_path, moving_path, moving_labels=moving_labels, points=points)
@@ -792,8 +912,12 @@ def read_pairs(path):
     return jobs
 
 
-def check_jobs(jobs):
-    """Fail early on what can be checked before reading images: missing names, output types, clashes."""
+def check_jobs(jobs, model=None):
+    """Fail early on what can be checked before reading images: missing names, output types, clashes.
+
+    ``model`` (an :class:`Export`, when loaded) tells how many elastix files a chain has.
+    """
+    steps = model.steps if model is not None else None
     seen = {}
     for job in jobs:
         where = f" ({job.where})" if job.where else ""
@@ -810,7 +934,9 @@ def check_jobs(jobs):
         for name, path in outputs.items():
             rio.output_extension(path, _OUTPUT_EXTENSIONS[name], name)
             rio.check_writable(path, name)
-            targets = [path] + ([companion_path(path)] if name == "elastix_transform" else [])
+            targets = [path]
+            if name == "elastix_transform":
+                targets = elastix_paths(path, len(steps or [None]), True, single=steps is None)
             for target in targets:
                 key = os.path.abspath(target)
                 if key in seen:
@@ -874,9 +1000,8 @@ def write_outputs(model, job, result, staging):
         stage("transform", job.transform,
               lambda tmp: transforms.write_itk_transform(tmp, itk_transforms(model, result)))
     if job.elastix_transform:
-        companion = companion_path(job.elastix_transform)
         try:
-            main_text, initial_text = elastix_parameters(model, result, companion)
+            files = elastix_parameters(model, result, job.elastix_transform)
         except RegisterError:
             raise
         except ValueError as exc:
@@ -888,9 +1013,8 @@ def write_outputs(model, job, result, staging):
                     fh.write(text)
             return write
 
-        if initial_text is not None:
-            stage("elastix_transform", companion, text_writer(initial_text))
-        stage("elastix_transform", job.elastix_transform, text_writer(main_text))
+        for path, text in reversed(files):  # the chain's end first, the file for transformix last
+            stage("elastix_transform", path, text_writer(text))
     if job.figure:
         stage("figure", job.figure, lambda tmp: _save_figure(model, result, tmp))
     return written
@@ -923,7 +1047,7 @@ def run(model, jobs, batch_size=16):
     2-D pairs are run through the model ``batch_size`` at a time, 3-D pairs
     one at a time.  Returns one ``(job, summary dict, written paths)`` per job.
     """
-    check_jobs(jobs)
+    check_jobs(jobs, model)
     step = max(1, int(batch_size)) if model.ndim == 2 else 1
     staging = rio.Staging()
     done = []

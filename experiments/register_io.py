@@ -16,7 +16,9 @@ writes the results.  Conventions (see also :mod:`experiments.register`):
 * The model's displacement ``u_m`` is in **voxels of the model grid, ij
   order**, defined by cubic B-spline control points ``cp`` (model voxels, ij)
   with ``u_m(q) = sum_k cp[k] prod_d beta3(q_d / s_d - k_d + 1)``
-  (:mod:`dirnet_tf.bspline`).
+  (:mod:`dirnet_tf.bspline`) -- or, for a model of composed steps, the
+  composition of its steps (:func:`dirnet_tf.transforms.map_points_steps`),
+  whose elastix files :func:`elastix_chain` links.
 """
 
 import csv
@@ -33,7 +35,7 @@ __all__ = [
     "RegisterError", "pixel_affine", "image_affine", "model_affine", "planar_parts", "itk_grid",
     "axis_basis", "spline_on_axes", "recover_control_points", "fit_tolerance", "detect_grid_spacing",
     "read_points", "write_points", "output_extension", "check_writable", "Staging", "write_array", "write_field",
-    "elastix_texts",
+    "elastix_chain",
 ]
 
 #: Output extensions per kind of output (lower case; compound extensions first).
@@ -552,7 +554,7 @@ def _replace_line(text, key, value):
     pattern = re.compile(rf"^\({key} [^\n]*\)$", re.MULTILINE)
     if not pattern.search(text):
         raise RuntimeError(f"elastix parameter text has no ({key} ...) line")
-    return pattern.sub(f"({key} {value})", text)
+    return pattern.sub(lambda _: f"({key} {value})", text)
 
 
 def _num(values):
@@ -569,55 +571,37 @@ def _fixed_grid_lines(text, grid):
     return _replace_line(text, "Direction", _num(direction))
 
 
-def elastix_texts(bspline_text, fixed_grid, geometry=None, initial_path=None):
-    """The elastix parameter file(s) of the registration.
+def elastix_chain(texts, paths, fixed_grid):
+    """Link elastix parameter files into one transformix chain on the fixed image's grid.
 
     Parameters
     ----------
-    bspline_text : str
-        :func:`dirnet_tf.transforms.elastix_transform_parameters` of the
-        control points on the FIXED model grid.
+    texts : list of str
+        Parameter files (e.g. :func:`dirnet_tf.transforms.elastix_step_parameters`
+        on the FIXED model grid) in warp order: ``texts[0]`` is the file given to
+        transformix, and the initial transform of each file is the next one.
+        With ``HowToCombineTransforms Compose`` elastix maps a point through the
+        initial transform first, so the chain is ``p -> T_0(T_1(... T_n(p)))``
+        -- the order of an ITK ``CompositeTransform`` of the same list.
+    paths : list of str
+        Where each text is written (``paths[0]``: the main file).  Each file
+        records the absolute path of the next (transformix resolves relative
+        names against its working directory, not the file's folder).
     fixed_grid : dict
         :func:`itk_grid` of the fixed image: the grid transformix resamples onto
         (replaces the model grid in ``Size`` / ``Spacing`` / ``Origin`` / ``Direction``).
-    geometry : tuple or None
-        ``(matrix (ndim, ndim), translation (ndim,))`` of the LPS mm map from
-        the fixed model grid to the moving model grid (``p -> matrix p +
-        translation``); None when the two grids coincide.
-    initial_path : str
-        Where the B-spline file is written when ``geometry`` is given (its
-        absolute path is recorded in the main file; transformix resolves
-        relative names against its working directory).
 
     Returns
     -------
-    tuple
-        ``(main text, bspline text or None)``: without ``geometry`` the main
-        file is the B-spline itself; otherwise the main file is an elastix
-        ``AffineTransform`` (the geometry step) whose initial transform is the
-        B-spline: with ``HowToCombineTransforms Compose`` elastix maps a point
-        through the initial transform first, ``p -> A(B(p))``.
+    list of str
+        The linked texts, one per path.
     """
-    bspline_text = _fixed_grid_lines(bspline_text, fixed_grid)
-    if geometry is None:
-        return bspline_text, None
-    matrix, translation = (np.asarray(v, dtype=np.float64) for v in geometry)
-    ndim = matrix.shape[0]
-    initial = os.path.abspath(initial_path)
-    params = list(matrix.ravel()) + list(translation)
-    tail = bspline_text[bspline_text.index("// Fixed image"):bspline_text.index("// B-spline grid")]
-    resampling = bspline_text[bspline_text.index("// Resampling"):]
-    lines = [
-        "// Geometry step of a DIRNet registration (fixed model grid -> moving model grid, ITK LPS mm),",
-        "// applied after the B-spline of the initial transform file.",
-        '(Transform "AffineTransform")',
-        f"(NumberOfParameters {len(params)})",
-        f"(TransformParameters {_num(params)})",
-        f"(CenterOfRotationPoint {_num([0.0] * ndim)})",
-        f'(InitialTransformParameterFileName "{initial}")',
-        f'(InitialTransformParametersFileName "{initial}")',
-        '(UseBinaryFormatForTransformationParameters "false")',
-        '(HowToCombineTransforms "Compose")',
-        "",
-    ]
-    return "\n".join(lines) + tail + resampling, bspline_text
+    out = []
+    for k, text in enumerate(texts):
+        text = _fixed_grid_lines(text, fixed_grid)
+        if k + 1 < len(texts):
+            initial = '"' + os.path.abspath(paths[k + 1]) + '"'
+            text = _replace_line(text, "InitialTransformParameterFileName", initial)
+            text = _replace_line(text, "InitialTransformParametersFileName", initial)
+        out.append(text)
+    return out

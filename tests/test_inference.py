@@ -76,3 +76,74 @@ def test_a_failing_export_leaves_the_previous_one_intact(tmp_path, monkeypatch):
     assert metadata == {"version": 1}
     np.testing.assert_array_equal(
         again(fixed=tf.constant(images[:3]), moving=tf.constant(images[3:]))["warped"].numpy(), expected)
+
+
+def _composed_model(stages=("affine", 8, 4)):
+    import dirnet_tf
+
+    model = dirnet_tf.DIRNet(SHAPE, 4, filters=4, stages=stages, passes=2, bounded=True, symmetric=True)
+    rng = np.random.default_rng(3)
+    for v in model.trainable_variables:
+        v.assign(rng.normal(0, 0.3, v.shape).astype(np.float32))
+    return model
+
+
+def test_export_of_composed_steps_serves_every_step(tmp_path):
+    """A model of composed steps: ``step_0`` ... ``step_4`` hold each step's exact parameters, named
+    in the metadata, and composing them (last step applied first) gives the served total field.
+
+    Plausible bugs caught: a step left out or served out of order, the affine parameters
+    before the symmetric difference or the control points before the bound, metadata that
+    names other outputs than the signature's.
+    """
+    from dirnet_tf.affine import affine_displacement
+    from dirnet_tf.bspline import bspline_displacement
+    from dirnet_tf.warping import compose_displacements
+
+    model = _composed_model()
+    target = str(tmp_path / "m")
+    export_saved_model(model, target, SHAPE, 1, metadata={"grid_spacing": 4})
+    fn, metadata = load_export(target)
+    assert metadata["grid_spacing"] == 4
+    assert metadata["steps"] == [{"kind": "affine", "grid_spacing": None, "output": "step_0"}] + [
+        {"kind": "spline", "grid_spacing": [s, s], "output": f"step_{n}"} for n, s in ((1, 8), (2, 8), (3, 4), (4, 4))]
+    images, _ = _images(4)
+    out = fn(fixed=tf.constant(images[:2]), moving=tf.constant(images[2:]))
+    assert set(out) == {"warped", "displacement"} | {f"step_{n}" for n in range(5)}
+    assert out["step_0"].shape == (2, 6) and out["step_1"].shape == (2, 5, 5, 2) and out["step_3"].shape == (2, 7, 7, 2)
+    ref = model({"fixed": images[:2], "moving": images[2:]})
+    for n, params in enumerate(ref["step_params"]):
+        np.testing.assert_allclose(out[f"step_{n}"].numpy(), params.numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["step_4"].numpy(), ref["control_points"].numpy(), atol=1e-5)
+    total = None
+    for step in metadata["steps"]:
+        params = out[step["output"]]
+        u = (affine_displacement(params, SHAPE) if step["kind"] == "affine"
+             else bspline_displacement(params, SHAPE, step["grid_spacing"]))
+        total = u if total is None else compose_displacements(total, u)
+    assert np.abs(out["displacement"].numpy()).max() > 0.2
+    np.testing.assert_allclose(total.numpy(), out["displacement"].numpy(), atol=1e-4)
+    pred = predict(fn, images[:2], images[2:], batch_size=1)  # predict keeps the step outputs
+    np.testing.assert_allclose(pred["step_3"], out["step_3"].numpy(), atol=1e-6)
+
+
+def test_experiment_export_records_the_steps_of_composed_models_only(tmp_path):
+    """``experiments.common.export``: a composed model's metadata lists its steps; the paper's does not,
+    and its signature keeps exactly ``warped`` and ``displacement``."""
+    from types import SimpleNamespace
+
+    import dirnet_tf
+    from experiments.common import export
+
+    for name, model in (("composed", _composed_model(("affine", 4))), ("paper", dirnet_tf.DIRNet(SHAPE, 4, filters=4))):
+        path = export(SimpleNamespace(model=model), {"export_dir": str(tmp_path / name)}, SHAPE)
+        fn, metadata = load_export(path)
+        outputs = set(fn.structured_outputs)
+        if name == "paper":
+            assert "steps" not in metadata and outputs == {"warped", "displacement"}
+        else:
+            assert metadata["steps"] == [{"kind": "affine", "grid_spacing": None, "output": "step_0"},
+                                         {"kind": "spline", "grid_spacing": [4, 4], "output": "step_1"},
+                                         {"kind": "spline", "grid_spacing": [4, 4], "output": "step_2"}]
+            assert metadata["stages"] == ["affine", 4] and metadata["bounded"] is True
+            assert outputs == {"warped", "displacement", "step_0", "step_1", "step_2"}
