@@ -125,7 +125,8 @@ class _ServingModule(tf.Module):
         self.model = model
 
         @tf.function(input_signature=[tf.TensorSpec(spec, tf.float32, name="fixed"),
-                                      tf.TensorSpec(spec, tf.float32, name="moving")])
+                                      tf.TensorSpec(spec, tf.float32, name="moving")],
+                     autograph=False)  # plain Python around the model call; nothing to convert
         def serve(fixed, moving):
             out = self.model({"fixed": fixed, "moving": moving}, training=False)
             served = {"warped": tf.cast(out["warped"], tf.float32),

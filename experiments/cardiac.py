@@ -37,7 +37,8 @@ import numpy as np
 from absl import flags
 
 from data import cardiac_phantom, sunnybrook
-from dirnet_tf.inference import load_export, predict, time_per_pair
+from dirnet_tf.evaluation import evaluate_pairs
+from dirnet_tf.inference import load_export
 from dirnet_tf.pairs import same_group_pair_sampler
 from dirnet_tf.plotting import draw_deformation_grid
 from dirnet_tf.trainer import make_strategy
@@ -302,36 +303,23 @@ def evaluate(fn, pairs, spacing, boundary="border", timing_batch_size=64):
     -------
     ``(metrics dict, predictions dict)``.
     """
-    from dirnet_tf import metrics
-
-    pred = predict(fn, pairs["fixed"], pairs["moving"])
+    result, pred = evaluate_pairs(fn, pairs["fixed"], pairs["moving"], spacing=spacing,
+                                  timing_batch_size=timing_batch_size)
     warped_labels = warp_labels(pairs["moving_labels"], pred["displacement"], NUM_LABELS,
                                 boundary).numpy().astype(np.uint8)
     per_pair = contour_metrics(pairs["fixed_labels"], pairs["moving_labels"], warped_labels,
                                pairs["annotated"], spacing)
-    folding = np.asarray(metrics.folding_fraction(pred["displacement"]))
-    ncc_before = metrics.ncc(pairs["fixed"], pairs["moving"], batched=True)
-    ncc_after = metrics.ncc(pairs["fixed"], pred["warped"], batched=True)
-    timing = time_per_pair(fn, pairs["fixed"], pairs["moving"], batch_size=timing_batch_size)
+    folding = pred["folding"]
     directions = np.array([r["direction"] for r in pairs["records"]])
     everything = np.ones(len(directions), bool)
-    result = dict(
-        pairs=int(len(directions)),
+    result.update(
         structures=summarise(per_pair, everything),
         per_direction={d: dict(pairs=int((directions == d).sum()),
                                structures=summarise(per_pair, directions == d),
                                folding_fraction=float(folding[directions == d].mean()))
                        for d in sorted(set(directions.tolist()))},
-        folding_fraction=float(folding.mean()),
-        folding_fraction_max=float(folding.max()),
-        pairs_with_folding=int((folding > 0).sum()),
-        ncc_before=float(ncc_before.mean()), ncc_after=float(ncc_after.mean()),
-        ms_per_pair=timing["ms_per_pair"], ms_per_pair_min=timing["ms_per_pair_min"],
-        timing_batch_size=timing["batch_size"], timing_repeats=timing["repeats"],
-        spacing_mm=list(spacing),
     )
-    pred.update(warped_labels=warped_labels, folding=folding, per_pair=per_pair,
-                ncc_before=ncc_before, ncc_after=ncc_after)
+    pred.update(warped_labels=warped_labels, per_pair=per_pair)
     return result, pred
 
 
@@ -420,25 +408,21 @@ def run(config):
     sampler = same_group_pair_sampler(images, groups, config["batch_size"], config["seed"])
     valid = ed_es_pairs(patients, splits.get("valid", []))
     validation = None if valid is None else {"fixed": valid["fixed"], "moving": valid["moving"]}
-    trainer = common.trainer_from_config(config, image_shape, sampler, strategy, validation)
-    summary, train_seconds = common.train_or_restore(trainer, config)
-    if not trainer.is_chief:
-        return summary
-    export_dir = common.export(trainer, config, image_shape, spacing_mm=data["spacing"], data=data["source"])
-    if not config["evaluate"]:
-        return summary
+    run_ = common.train_and_export(config, image_shape, sampler, validation, strategy,
+                                   spacing_mm=data["spacing"], data=data["source"])
+    if run_.export_dir is None or not config["evaluate"]:
+        return run_.summary
 
     pairs = ed_es_pairs(patients, splits["test"])
     if pairs is None:
         raise CardiacDataError("the test patients have no slice with both ED and ES annotated")
     pairs_path = write_json(os.path.join(config["logdir"], "eval_pairs.json"),
                             {"data": data["source"], "pairs": pairs["records"]})
-    served, _ = load_export(export_dir)
-    metrics, pred = evaluate(served, pairs, data["spacing"], trainer.model.boundary,
+    served, _ = load_export(run_.export_dir)
+    metrics, pred = evaluate(served, pairs, data["spacing"], run_.trainer.model.boundary,
                              timing_batch_size=config["timing_batch_size"])
-    metrics.update(common.run_record(trainer, summary, train_seconds, export_dir),
-                   data=data["source"], test_patients=list(splits["test"]), eval_pairs=pairs_path)
-    metrics_path = common.write_metrics(config, metrics)
+    metrics_path = common.record_metrics(config, run_, metrics, data=data["source"],
+                                         test_patients=list(splits["test"]), eval_pairs=pairs_path)
     # One ES->ED pair per test patient (its middle annotated slice) for the figure.
     chosen, seen = [], {}
     for i, rec in enumerate(pairs["records"]):

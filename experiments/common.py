@@ -374,3 +374,38 @@ def run_record(trainer, summary, train_seconds, export_dir):
 def write_metrics(config, metrics):
     """Write ``metrics`` to ``metrics.json`` in ``config["logdir"]`` (atomically); returns the path."""
     return write_json(os.path.join(config["logdir"], "metrics.json"), metrics)
+
+
+class Run:
+    """What :func:`train_and_export` produced: the trainer, its summary, the export (or None)."""
+
+    def __init__(self, trainer, summary, train_seconds, export_dir):
+        self.trainer, self.summary, self.train_seconds, self.export_dir = trainer, summary, train_seconds, export_dir
+
+
+def train_and_export(config, image_shape, sampler, validation=None, strategy=None, channels=1, panel_pairs=8,
+                     **metadata):
+    """Everything between an experiment's data and its evaluation, the same for every experiment.
+
+    Builds the trainer (:func:`trainer_from_config`), trains or restores and selects
+    (:func:`train_or_restore`), and on the chief exports (:func:`export`, with ``metadata``)
+    unless the ``export`` flag is off.
+
+    Returns
+    -------
+    Run
+        ``export_dir`` is None where nothing was exported (not the chief, or ``--noexport``).
+    """
+    trainer = trainer_from_config(config, image_shape, sampler, strategy, validation, channels=channels,
+                                  panel_pairs=panel_pairs)
+    summary, train_seconds = train_or_restore(trainer, config)
+    export_dir = None
+    if trainer.is_chief and (config.get("export", True) or config.get("export_only")):
+        export_dir = export(trainer, config, image_shape, channels, **metadata)
+    return Run(trainer, summary, train_seconds, export_dir)
+
+
+def record_metrics(config, run, metrics, **extra):
+    """Add :func:`run_record` and ``extra`` to ``metrics`` and write ``metrics.json``; returns its path."""
+    metrics.update(run_record(run.trainer, run.summary, run.train_seconds, run.export_dir), **extra)
+    return write_metrics(config, metrics)

@@ -25,7 +25,8 @@ from absl import flags
 
 from data import mnist as mnist_data
 from dirnet_tf import metrics
-from dirnet_tf.inference import load_export, predict, time_per_pair
+from dirnet_tf.evaluation import evaluate_pairs
+from dirnet_tf.inference import load_export
 from dirnet_tf.pairs import same_group_pair_sampler
 from dirnet_tf.plotting import registration_figure
 from dirnet_tf.trainer import make_strategy
@@ -72,7 +73,8 @@ PRESETS = {
 
 
 def evaluate(fn, fixed, moving, digits, batch_size=256):
-    """Registration quality on test pairs.
+    """Registration quality on test pairs: :func:`dirnet_tf.evaluation.evaluate_pairs` plus the
+    Dice of the digits (binarised at 0.5) and the scores per digit.
 
     Parameters
     ----------
@@ -88,22 +90,9 @@ def evaluate(fn, fixed, moving, digits, batch_size=256):
     tuple
         ``(metrics dict, predictions dict)``.
     """
-    pred = predict(fn, fixed, moving, batch_size)
+    result, pred = evaluate_pairs(fn, fixed, moving, batch_size=batch_size, timing_batch_size=batch_size)
     before = metrics.registration_scores(fixed, moving, np.zeros_like(pred["displacement"]))
     after = metrics.registration_scores(fixed, pred["warped"], pred["displacement"])
-    timing = time_per_pair(fn, fixed, moving, batch_size=batch_size)
-    # Inverse consistency: register moving -> fixed too and compose the two fields.
-    swapped = predict(fn, moving, fixed, batch_size)
-    inverse = metrics.inverse_consistency(pred["displacement"], swapped["displacement"])
-    # A field that means something everywhere: an image registered to itself, and to itself
-    # at half the intensity, should give the identity.
-    identity = {}
-    for name, other in (("identical", fixed), ("half_intensity", 0.5 * fixed)):
-        same = predict(fn, fixed, other, batch_size)
-        identity[name] = {
-            "mean_abs_displacement_px": float(np.linalg.norm(same["displacement"], axis=-1).mean()),
-            "ncc": float(np.mean(metrics.ncc(other, same["warped"], batched=True))),
-        }
 
     def summary(sel):
         return {"pairs": int(sel.sum()),
@@ -111,16 +100,8 @@ def evaluate(fn, fixed, moving, digits, batch_size=256):
                 "dice_before": float(before["dice"][sel].mean()), "dice_after": float(after["dice"][sel].mean()),
                 "folding_fraction": float(after["folding"][sel].mean())}
 
-    result = summary(np.ones(len(fixed), bool))
-    result.update(
-        ncc_after_std=float(after["ncc"].std()), ncc_after_median=float(np.median(after["ncc"])),
-        pairs_with_folding=int((after["folding"] > 0).sum()),
-        inverse_consistency_px=float(inverse.mean()), identity=identity,
-        ms_per_pair=timing["ms_per_pair"], ms_per_pair_min=timing["ms_per_pair_min"],
-        timing_batch_size=timing["batch_size"], timing_repeats=timing["repeats"],
-        per_digit={str(int(d)): summary(digits == d) for d in np.unique(digits)},
-    )
-    pred.update(ncc_before=before["ncc"], ncc_after=after["ncc"])
+    result.update(summary(np.ones(len(fixed), bool)),
+                  per_digit={str(int(d)): summary(digits == d) for d in np.unique(digits)})
     return result, pred
 
 
@@ -175,22 +156,17 @@ def run(config):
     valid_pairs = np.asarray(mnist_data.make_eval_pairs(valid_labels, digits, config["valid_per_digit"], seed=1))
     validation = {"fixed": valid_images[valid_pairs[:, 0]], "moving": valid_images[valid_pairs[:, 1]]}
     sampler = same_group_pair_sampler(train_images, train_labels, config["batch_size"], config["seed"])
-    trainer = common.trainer_from_config(config, IMAGE_SHAPE, sampler, strategy, validation,
-                                         panel_pairs=first_pair_per_digit(valid_pairs[:, 2]))
-    summary, train_seconds = common.train_or_restore(trainer, config)
-    if not trainer.is_chief or not (config["export"] or config["export_only"]):
-        return summary
-    export_dir = common.export(trainer, config, IMAGE_SHAPE, digits=list(digits))
-    if not config["evaluate"]:
-        return summary
+    run_ = common.train_and_export(config, IMAGE_SHAPE, sampler, validation, strategy,
+                                   panel_pairs=first_pair_per_digit(valid_pairs[:, 2]), digits=list(digits))
+    if run_.export_dir is None or not config["evaluate"]:
+        return run_.summary
 
     pairs_path = os.path.join(config["logdir"], "eval_pairs.json")
     record = mnist_data.draw_eval_pairs(pairs_path, hdf5, digits, config["eval_per_digit"], seed=0)
-    served, _ = load_export(export_dir)
+    served, _ = load_export(run_.export_dir)
     metrics_, pred = evaluate(served, record["fixed"], record["moving"], record["digits"])
-    metrics_.update(common.run_record(trainer, summary, train_seconds, export_dir),
-                    eval_pairs=pairs_path, eval_split="test", eval_seed=0, digits=list(digits))
-    metrics_path = common.write_metrics(config, metrics_)
+    metrics_path = common.record_metrics(config, run_, metrics_, eval_pairs=pairs_path, eval_split="test",
+                                         eval_seed=0, digits=list(digits))
     figure = save_figure(os.path.join(config["logdir"], "mnist_registration.png"), record["fixed"],
                          record["moving"], pred, record["digits"])
     _print_summary(metrics_)
