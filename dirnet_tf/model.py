@@ -222,6 +222,26 @@ class DIRNet(keras.Model):
         return [(kind, None if k is None else tuple(int(s) for s in self._spline_spacings[k]))
                 for kind, k in self._steps()]
 
+    def stage_layers(self):
+        """The layers holding each stage's weights, in stage order.
+
+        Returns
+        -------
+        list of list of keras.layers.Layer
+            ``[affine_regressor]`` for an affine stage, ``[regressor, transformer]`` for a
+            B-spline stage; the paper's model is one B-spline stage.  Used to train the
+            stages one after another (copy the earlier stages' weights into a model with
+            one more stage and freeze them).
+        """
+        out, k = [], 0
+        for stage in (self.stages if self.stages is not None else (None,)):
+            if stage == "affine":
+                out.append([self.affine_regressor])
+            else:
+                out.append([getattr(self, name) for name in self._spline_names[k]])
+                k += 1
+        return out
+
     def _step_spacings(self):
         """Grid spacing of every B-spline step (for the bending energy of each)."""
         return [self._spline_spacings[k] for kind, k in self._steps() if kind == "spline"]

@@ -87,6 +87,9 @@ def define_flags():
     define("string", "stages", "", "Transform stages, composed: e.g. 'affine,8,4' (an affine stage, then "
            "B-spline stages at these grid spacings, each with --passes passes); empty: one B-spline stage "
            "at --grid_spacing (the paper).")
+    define("bool", "stagewise", False, "Train the B-spline --stages one after another (the steps split "
+           "evenly; each trained with the earlier ones frozen, in LOGDIR/stageK; an affine stage with the "
+           "first) instead of end to end.")
     define("bool", "bounded", False, "Folding-free by construction: every step below the injectivity bound, "
            "steps composed.")
     define("bool", "symmetric", False, "Every step is r(fixed, warped) - r(warped, fixed): identical images "
@@ -249,7 +252,7 @@ def parse_stages(text):
 
 
 def trainer_from_config(config, image_shape, sampler, strategy=None, validation=None, channels=1,
-                        panel_pairs=8):
+                        panel_pairs=8, model_fn=None):
     """A :class:`Trainer` of :func:`build_dirnet` set up from the shared experiment flags.
 
     Parameters
@@ -267,9 +270,11 @@ def trainer_from_config(config, image_shape, sampler, strategy=None, validation=
         Image channels.
     panel_pairs : int or sequence of int
         Validation pairs of the TensorBoard image panel (see :class:`Trainer`).
+    model_fn : callable or None
+        Builds the model (default: :func:`build_dirnet` of ``config``).
     """
     return Trainer(
-        lambda: build_dirnet(image_shape, config, channels=channels), sampler,
+        model_fn or (lambda: build_dirnet(image_shape, config, channels=channels)), sampler,
         logdir=config["logdir"], steps=config["steps"], batch_size=config["batch_size"],
         learning_rate=config["learning_rate"], lr_schedule=config["lr_schedule"], strategy=strategy,
         mixed_precision=config["mixed_precision"], validation=validation,
@@ -388,7 +393,7 @@ def train_and_export(config, image_shape, sampler, validation=None, strategy=Non
     """Everything between an experiment's data and its evaluation, the same for every experiment.
 
     Builds the trainer (:func:`trainer_from_config`), trains or restores and selects
-    (:func:`train_or_restore`), and on the chief exports (:func:`export`, with ``metadata``)
+    (:func:`train_or_restore`; with ``--stagewise`` :func:`train_stagewise`), and on the chief exports (:func:`export`, with ``metadata``)
     unless the ``export`` flag is off.
 
     Returns
@@ -396,13 +401,60 @@ def train_and_export(config, image_shape, sampler, validation=None, strategy=Non
     Run
         ``export_dir`` is None where nothing was exported (not the chief, or ``--noexport``).
     """
-    trainer = trainer_from_config(config, image_shape, sampler, strategy, validation, channels=channels,
-                                  panel_pairs=panel_pairs)
-    summary, train_seconds = train_or_restore(trainer, config)
+    if config.get("stagewise") and len([s for s in parse_stages(config.get("stages")) or () if s != "affine"]) > 1:
+        trainer, summary, train_seconds = train_stagewise(config, image_shape, sampler, validation, strategy,
+                                                          channels, panel_pairs)
+    else:
+        trainer = trainer_from_config(config, image_shape, sampler, strategy, validation, channels=channels,
+                                      panel_pairs=panel_pairs)
+        summary, train_seconds = train_or_restore(trainer, config)
     export_dir = None
     if trainer.is_chief and (config.get("export", True) or config.get("export_only")):
         export_dir = export(trainer, config, image_shape, channels, **metadata)
     return Run(trainer, summary, train_seconds, export_dir)
+
+
+def train_stagewise(config, image_shape, sampler, validation=None, strategy=None, channels=1, panel_pairs=8):
+    """Train the ``--stages`` one after another instead of end to end.
+
+    One phase per B-spline stage (an affine stage joins the B-spline stage after it), each with
+    ``steps / K`` steps (the last one the remainder) in ``LOGDIR/stageK``: phase k trains a model
+    of the stages up to its B-spline stage whose earlier stages hold the weights the previous
+    phase selected, frozen, so only the new stage learns.  Each phase resumes and selects its
+    best validation checkpoint like a normal run.
+
+    Returns
+    -------
+    tuple
+        ``(trainer of the last phase, its summary, training seconds of all phases)``.
+    """
+    stages = parse_stages(config.get("stages"))
+    # A phase ends at every B-spline stage (an affine stage is trained with the B-spline stage after it).
+    ends = [k + 1 for k, stage in enumerate(stages) if stage != "affine"]
+    count = len(ends)
+    steps = [int(config["steps"]) // count] * count
+    steps[-1] += int(config["steps"]) - sum(steps)
+    frozen, seconds = [], 0.0
+    for k in range(count):
+        phase = dict(config, stages=",".join(str(s) for s in stages[:ends[k]]), steps=steps[k],
+                     logdir=os.path.join(config["logdir"], f"stage{k + 1}"))
+
+        def model_fn(phase=phase, frozen=frozen):
+            model = build_dirnet(image_shape, phase, channels=channels)
+            for layers, weights in zip(model.stage_layers(), frozen):
+                for layer, values in zip(layers, weights):
+                    layer.set_weights(values)
+                    layer.trainable = False
+            return model
+
+        trainer = trainer_from_config(phase, image_shape, sampler, strategy, validation, channels=channels,
+                                      panel_pairs=panel_pairs, model_fn=model_fn)
+        trainer.print(f"[stagewise] phase {k + 1}/{count} (stages {phase['stages']}): {steps[k]} steps in "
+                      f"{phase['logdir']}" + (", the earlier stages frozen" if k else ""))
+        summary, phase_seconds = train_or_restore(trainer, phase)
+        seconds += phase_seconds or 0.0
+        frozen = [[layer.get_weights() for layer in layers] for layers in trainer.model.stage_layers()]
+    return trainer, summary, (None if config.get("export_only") else seconds)
 
 
 def record_metrics(config, run, metrics, **extra):

@@ -105,3 +105,50 @@ def test_similarity_lncc_flag_reaches_local_ncc():
     assert np.abs(per_pair.numpy() - other_window).min() > 1e-3, (per_pair.numpy(), other_window)
     # The "ncc" part stays the global NCC (monitoring) whatever the similarity.
     np.testing.assert_allclose(parts["ncc"].numpy(), -global_loss, rtol=1e-5, atol=1e-6)
+
+
+def _tiny_config(logdir, **overrides):
+    config = dict(grid_spacing=8, filters="auto", convs_per_level="1", passes=1, similarity="ncc",
+                  bending_weight=0.0, folding_weight=0.0, stages="affine,8,4", bounded=True, symmetric=False,
+                  normalize_inputs=True, stagewise=True, logdir=str(logdir), steps=6, batch_size=2,
+                  learning_rate=1e-2, lr_schedule="constant", mixed_precision=False, log_every=3,
+                  eval_every=3, checkpoint_every=3, resume=True, seed=0, export_only=False, select_best=True,
+                  inference_passes=0, steps_per_execution=1, export=False)
+    config.update(overrides)
+    return config
+
+
+def test_stagewise_training_freezes_the_earlier_stages(tmp_path):
+    """Stage 2 trains with stage 1 frozen at the weights stage 1 selected; end to end, both move."""
+    import numpy as np
+
+    from dirnet_tf.pairs import random_pair_sampler
+
+    rng = np.random.default_rng(0)
+    images = rng.random((6, 16, 16, 1)).astype(np.float32)
+    sampler = random_pair_sampler(images, 2, 0)
+    validation = {"fixed": images[:2], "moving": images[2:4]}
+    config = _tiny_config(tmp_path / "run")
+    run = common.train_and_export(config, (16, 16), sampler, validation)
+    assert sorted(os.listdir(config["logdir"])) == ["stage1", "stage2"]
+    model = run.trainer.model
+    assert int(run.trainer.step.numpy()) == 3 and run.train_seconds > 0
+    # Stage 1 as its own phase selected it: a trainer of that phase restores the same weights.
+    phase1 = common.trainer_from_config(dict(config, stages="affine,8", steps=3,
+                                             logdir=os.path.join(config["logdir"], "stage1")),
+                                        (16, 16), sampler, None, validation)
+    assert phase1.restore_best()
+    affine_final = model.stage_layers()[0][0].get_weights()
+    for final, selected in zip(model.stage_layers()[:2], phase1.model.stage_layers()):
+        for a, b in zip(sum((layer.get_weights() for layer in final), []),
+                        sum((layer.get_weights() for layer in selected), [])):
+            np.testing.assert_array_equal(a, b)
+    assert [layers[0].trainable for layers in model.stage_layers()] == [False, False, True]
+    # The last stage learnt (its regressor starts at the identity: a zero output layer).
+    assert max(np.abs(w).max() for w in model.stage_layers()[2][0].get_weights()[-2:]) > 0
+    # End to end (no --stagewise): one run, and its affine stage differs from the stage-wise one.
+    joint = common.train_and_export(_tiny_config(tmp_path / "joint", stagewise=False), (16, 16), sampler,
+                                    validation)
+    assert not os.path.isdir(tmp_path / "joint" / "stage1")
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(joint.trainer.model.stage_layers()[0][0].get_weights(), affine_final))
