@@ -3,11 +3,13 @@
 Methods, all on one pair list (the ``eval_pairs.json`` that the MNIST evaluation
 saves: 100 same-digit test pairs per digit, seed 0):
 
-* ``DIRNet gs=8`` / ``DIRNet gs=4`` -- SavedModels exported by ``experiments.mnist``
-  with ``--grid_spacing=8`` / ``4`` (given with ``--model_gs8`` / ``--model_gs4``;
-  otherwise trained here with the MNIST experiment's defaults and :data:`TRAIN_FLAGS` into
-  ``runs/bench/mnist_gs{8,4}`` and exported to ``exports/bench/mnist_gs{8,4}``,
-  or reused from there when such an export exists);
+* DIRNet rows (:data:`MODELS`, chosen with ``--dirnet_models``): ``default`` -- the folding-free
+  default of ``experiments.mnist`` (B-spline stages at spacing 8 then 4), compared with elastix
+  at spacing 4; ``paper`` -- the paper's setting (``--preset=paper``: one pass, no constraint,
+  no regulariser, spacing 8); ``gs8`` / ``gs4`` -- the additive-pass models of the previous
+  default.  Each is a SavedModel exported by ``experiments.mnist`` (given with ``--model_NAME``;
+  otherwise trained here with the flags in :data:`MODELS` into ``runs/bench/mnist_NAME`` and
+  exported to ``exports/bench/mnist_NAME``, or reused from there when such an export exists);
 * ``elastix gs=8`` / ``elastix gs=4`` -- :mod:`benchmarks.elastix_baseline` with the
   committed parameter files and thread count in ``baselines/elastix/``.
 
@@ -30,7 +32,7 @@ Writes ``bench_registration.json``, ``bench_registration.md`` (the table) and
 Command line (from the repository root)::
 
     python -m benchmarks.registration                    # trains what is missing, all 1000 pairs
-    python -m benchmarks.registration --model_gs8=exports/mnist --model_gs4=exports/mnist_gs4
+    python -m benchmarks.registration --dirnet_models=default --model_default=exports/mnist
     python -m benchmarks.registration --num_pairs=100    # quicker: 10 pairs per digit
 """
 
@@ -60,14 +62,18 @@ from dirnet_tf.inference import METADATA_FILE, as_pair_function, load_export, pr
 
 GRID_SPACINGS = (8, 4)
 
-# Flags (beyond the MNIST experiment's defaults) of the DIRNet models this benchmark trains
-# when no export is given: the additive-pass models benchmarked in baselines/results. gs=8: the
-# previous default, exported with the 2 regressor passes it was trained with (a third, untrained
-# pass gains NCC but doubles folding). gs=4: a regressor twice as wide at full and half
-# resolution, trained with 3 passes and exported with 4.
-TRAIN_FLAGS = {
-    8: ("--preset=additive", "--inference_passes=2"),
-    4: ("--preset=additive", "--filters=16,32,32", "--passes=3", "--inference_passes=4"),
+# The DIRNet models this benchmark compares: name -> (row label, grid spacing of the elastix row it is
+# compared with, flags of ``python -m experiments.mnist`` that train it when no export is given).
+# "default" is the experiment's folding-free default (stages 8 then 4); "paper" the paper's setting
+# (one pass, no constraint, no regulariser); gs8 / gs4 the additive-pass models of the previous default:
+# gs8 exported with the 2 passes it was trained with (a third, untrained pass gains NCC but doubles
+# folding), gs4 a regressor twice as wide at full and half resolution, 3 passes trained, 4 exported.
+MODELS = {
+    "default": ("DIRNet default (stages 8,4)", 4, ()),
+    "paper": ("DIRNet paper setting (gs=8)", 8, ("--preset=paper",)),
+    "gs8": ("DIRNet gs=8", 8, ("--grid_spacing=8", "--preset=additive", "--inference_passes=2")),
+    "gs4": ("DIRNet gs=4", 4, ("--grid_spacing=4", "--preset=additive", "--filters=16,32,32", "--passes=3",
+                               "--inference_passes=4")),
 }
 
 
@@ -116,15 +122,16 @@ def _is_export(path):
     return os.path.isfile(os.path.join(path, "saved_model.pb"))
 
 
-def ensure_model(grid_spacing, given, root="runs/bench", exports="exports/bench", steps=None):
-    """Return an export dir for DIRNet at ``grid_spacing``, training one if needed.
+def ensure_model(name, given, root="runs/bench", exports="exports/bench", steps=None):
+    """Return an export dir for the DIRNet model ``name`` of :data:`MODELS`, training one if needed.
 
     Parameters
     ----------
-    grid_spacing : int
+    name : str
+        A key of :data:`MODELS`.
     given : str or None
         An export directory passed on the command line (used as is; its recorded
-        grid spacing must match).
+        grid spacing must match the model's).
     root, exports : str
         Where a model trained here keeps its logdir / export.
     steps : int or None
@@ -135,21 +142,23 @@ def ensure_model(grid_spacing, given, root="runs/bench", exports="exports/bench"
     tuple
         ``(export_dir, logdir or None)``.
     """
+    _, grid_spacing, train_flags = MODELS[name]
     if given:
         if not _is_export(given):
-            raise ValueError(f"--model_gs{grid_spacing}={given} is not a SavedModel directory "
+            raise ValueError(f"--model_{name}={given} is not a SavedModel directory "
                              "(no saved_model.pb); export one with python -m experiments.mnist")
         recorded = export_grid_spacing(given)
         if recorded is not None and recorded != grid_spacing:
-            raise ValueError(f"--model_gs{grid_spacing}={given} was trained with grid spacing {recorded}")
+            raise ValueError(f"--model_{name}={given} was trained with (finest) grid spacing {recorded}, "
+                             f"not {grid_spacing}")
         return given, None
-    logdir = os.path.join(root, f"mnist_gs{grid_spacing}")
-    export_dir = os.path.join(exports, f"mnist_gs{grid_spacing}")
+    logdir = os.path.join(root, f"mnist_{name}")
+    export_dir = os.path.join(exports, f"mnist_{name}")
     if _is_export(export_dir) and export_grid_spacing(export_dir) == grid_spacing:
         _log(f"reusing {export_dir}")
         return export_dir, logdir
-    cmd = [sys.executable, "-m", "experiments.mnist", f"--grid_spacing={grid_spacing}",
-           *TRAIN_FLAGS.get(grid_spacing, ()), f"--logdir={logdir}", f"--export_dir={export_dir}"]
+    cmd = [sys.executable, "-m", "experiments.mnist", *train_flags, f"--logdir={logdir}",
+           f"--export_dir={export_dir}"]
     if steps:
         cmd.append(f"--steps={steps}")
     _log("training: " + " ".join(cmd[1:]))
@@ -344,16 +353,22 @@ def format_table(rows, before):
 
 
 def compare(rows):
-    """DIRNet against elastix per grid spacing: speed-up, NCC difference, folding of each."""
+    """Every DIRNet row against the elastix row of its grid spacing: speed-up, NCC difference, folding.
+
+    Returns
+    -------
+    dict
+        ``{model name: {"elastix", "speedup", "ncc_dirnet_minus_elastix", "folding_dirnet",
+        "folding_elastix"}}`` for the :data:`MODELS` rows present with their elastix row.
+    """
     out = {}
-    for gs in GRID_SPACINGS:
-        d, e = rows.get(f"DIRNet gs={gs}"), rows.get(f"elastix gs={gs}")
+    for name, (label, gs, _) in MODELS.items():
+        d, e = rows.get(label), rows.get(f"elastix gs={gs}")
         if d is None or e is None:
             continue
-        speedup = e["ms_per_pair"] / d["ms_per_pair"]
-        gap = d["ncc"] - e["ncc"]
-        out[str(gs)] = {"speedup": speedup, "ncc_dirnet_minus_elastix": gap,
-                        "folding_dirnet": d["folding_fraction"], "folding_elastix": e["folding_fraction"]}
+        out[name] = {"elastix": f"elastix gs={gs}", "speedup": e["ms_per_pair"] / d["ms_per_pair"],
+                     "ncc_dirnet_minus_elastix": d["ncc"] - e["ncc"],
+                     "folding_dirnet": d["folding_fraction"], "folding_elastix": e["folding_fraction"]}
     return out
 
 
@@ -393,8 +408,10 @@ def save_chart(path, rows, per_pair, before):
 
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("model_gs8", None, "DIRNet export trained with --grid_spacing=8.", flag_values=FLAGS)
-flags.DEFINE_string("model_gs4", None, "DIRNet export trained with --grid_spacing=4.", flag_values=FLAGS)
+for _name, (_label, _gs, _flags) in MODELS.items():
+    flags.DEFINE_string(f"model_{_name}", None, f"Export of the '{_label}' row (default: trained with "
+                        f"python -m experiments.mnist {' '.join(_flags)}).", flag_values=FLAGS)
+flags.DEFINE_list("dirnet_models", list(MODELS), f"DIRNet rows, some of {', '.join(MODELS)}.", flag_values=FLAGS)
 flags.DEFINE_integer("train_steps", None, "--steps when a model has to be trained (default: the "
                      "experiment's).", flag_values=FLAGS)
 flags.DEFINE_string("pairs", None, "eval_pairs.json (default: draw them as the MNIST evaluation does).",
@@ -423,14 +440,18 @@ def main(argv=None):
 
     if not args.skip_elastix:
         import_itk()  # fail early, with the install hint
-    models = {gs: ensure_model(gs, getattr(args, f"model_gs{gs}"), steps=args.train_steps)[0]
-              for gs in GRID_SPACINGS}
+    unknown = sorted(set(args.dirnet_models) - set(MODELS))
+    if unknown:
+        _log(f"error: --dirnet_models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+        return 2
+    models = {name: ensure_model(name, getattr(args, f"model_{name}"), steps=args.train_steps)[0]
+              for name in args.dirnet_models}
     pairs_path = args.pairs
     if pairs_path is None:
         # The pair list saved by the MNIST evaluation of a model trained here, if there is one.
-        for gs in GRID_SPACINGS:
-            candidate = os.path.join("runs", "bench", f"mnist_gs{gs}", "eval_pairs.json")
-            if not getattr(args, f"model_gs{gs}") and os.path.isfile(candidate):
+        for name in models:
+            candidate = os.path.join("runs", "bench", f"mnist_{name}", "eval_pairs.json")
+            if not getattr(args, f"model_{name}") and os.path.isfile(candidate):
                 pairs_path = candidate
                 break
     pairs = load_pairs(pairs_path, args.hdf5, args.outdir, args.num_pairs)
@@ -440,16 +461,18 @@ def main(argv=None):
     zero = np.zeros(pairs["fixed"].shape[:-1] + (2,), np.float32)
     before, per_before = quality(pairs["fixed"], pairs["moving"], pairs["moving"], zero, pairs["digits"])
     rows, per_pair = {}, {"before": per_before}
-    for gs in GRID_SPACINGS:
-        _log(f"DIRNet gs={gs}: {models[gs]}")
-        pred, timing = run_dirnet(models[gs], pairs, args.batch_size, args.repeats)
+    for name, export_dir in models.items():
+        label = MODELS[name][0]
+        _log(f"{label}: {export_dir}")
+        pred, timing = run_dirnet(export_dir, pairs, args.batch_size, args.repeats)
         summary, scores = quality(pairs["fixed"], pairs["moving"], pred["warped"], pred["displacement"],
                                   pairs["digits"])
-        rows[f"DIRNet gs={gs}"] = dict(summary, **timing, pairs=n, model=models[gs],
-                                       passes=export_info(models[gs]).get("passes"),
-                                       inverse_consistency_px=float(metrics.inverse_consistency(
-                                           pred["displacement"], pred["reverse_displacement"]).mean()))
-        per_pair[f"DIRNet gs={gs}"] = scores
+        info = export_info(export_dir)
+        rows[label] = dict(summary, **timing, pairs=n, model=export_dir,
+                           passes=None if info.get("steps") else info.get("passes"),
+                           inverse_consistency_px=float(metrics.inverse_consistency(
+                               pred["displacement"], pred["reverse_displacement"]).mean()))
+        per_pair[label] = scores
         _log(f"  NCC {summary['ncc']:.4f}  Dice {summary['dice']:.4f}  folding "
              f"{100 * summary['folding_fraction']:.3f}%  {timing['ms_per_pair']:.3f} ms/pair")
     if not args.skip_elastix:
@@ -471,20 +494,21 @@ def main(argv=None):
 
     interleaved = {}
     if not args.skip_elastix and args.timing_rounds > 0:
-        for gs in GRID_SPACINGS:
-            interleaved[str(gs)] = interleaved_timing(models[gs], gs, pairs, args.batch_size,
-                                                      args.timing_rounds, 10, args.elastix_threads)
-            _log(f"interleaved timing gs={gs}: DIRNet {interleaved[str(gs)]['dirnet_ms_per_pair']:.3f} ms/pair, "
-                 f"elastix {interleaved[str(gs)]['elastix_ms_per_pair']:.1f} ms/pair, speed-up "
-                 f"{interleaved[str(gs)]['speedup']:.0f}x")
+        for name, export_dir in models.items():
+            gs = MODELS[name][1]
+            t = interleaved[name] = interleaved_timing(export_dir, gs, pairs, args.batch_size, args.timing_rounds,
+                                                       10, args.elastix_threads)
+            _log(f"interleaved timing {name} vs elastix gs={gs}: DIRNet {t['dirnet_ms_per_pair']:.3f} ms/pair, "
+                 f"elastix {t['elastix_ms_per_pair']:.1f} ms/pair, speed-up {t['speedup']:.0f}x")
 
-    order = [f"{m} gs={gs}" for gs in GRID_SPACINGS for m in ("DIRNet", "elastix") if f"{m} gs={gs}" in rows]
+    order = [MODELS[name][0] for name in MODELS if MODELS[name][0] in rows]
+    order += [f"elastix gs={gs}" for gs in GRID_SPACINGS if f"elastix gs={gs}" in rows]
     rows = {k: rows[k] for k in order}
     table = format_table(rows, before)
     comparison = compare(rows)
-    for gs, t in interleaved.items():
-        if gs in comparison:
-            comparison[gs]["speedup_interleaved"] = t["speedup"]
+    for name, t in interleaved.items():
+        if name in comparison:
+            comparison[name]["speedup_interleaved"] = t["speedup"]
     record = {"machine": machine_description(),
               "command": "python -m benchmarks.registration " + " ".join(argv),
               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "pairs_file": pairs["path"],
@@ -495,9 +519,9 @@ def main(argv=None):
         f.write(f"{table}\n\n{n} MNIST test pairs; {record['machine']}; `{record['command']}`\n")
     chart = save_chart(os.path.join(args.outdir, "bench_registration.png"), rows, per_pair, before)
     print("\n" + table + "\n")
-    for gs, t in comparison.items():
+    for name, t in comparison.items():
         alt = t.get("speedup_interleaved")
-        print(f"gs={gs}: DIRNet is {t['speedup']:.0f}x faster per pair than elastix "
+        print(f"{MODELS[name][0]} vs {t['elastix']}: DIRNet is {t['speedup']:.0f}x faster per pair than elastix "
               + (f"({alt:.0f}x in alternating rounds)" if alt else "")
               + f"; NCC difference {t['ncc_dirnet_minus_elastix']:+.4f}; folding "
               f"{100 * t['folding_dirnet']:.3f}% vs {100 * t['folding_elastix']:.3f}%")

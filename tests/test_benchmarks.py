@@ -1,6 +1,8 @@
 """The benchmark scripts' building blocks (not timings): the pure-TF resampler layer they
 compare against, tiny resampler and training-throughput runs, the registration scoring and
-target logic."""
+comparison of every DIRNet row with its elastix row."""
+
+import sys
 
 import numpy as np
 import pytest
@@ -100,12 +102,15 @@ def test_quality_scores_and_comparison():
     rows = {"DIRNet gs=8": {"ms_per_pair": 0.5, "ncc": 0.925, "folding_fraction": 0.0},
             "elastix gs=8": {"ms_per_pair": 80.0, "ncc": 0.93, "folding_fraction": 0.001},
             "DIRNet gs=4": {"ms_per_pair": 1.0, "ncc": 0.90, "folding_fraction": 0.01},
+            br.MODELS["default"][0]: {"ms_per_pair": 2.0, "ncc": 0.96, "folding_fraction": 0.0},
             "elastix gs=4": {"ms_per_pair": 80.0, "ncc": 0.97, "folding_fraction": 0.001}}
     t = br.compare(rows)
-    assert t["8"]["speedup"] == pytest.approx(160) and t["4"]["speedup"] == pytest.approx(80)
-    assert t["8"]["ncc_dirnet_minus_elastix"] == pytest.approx(-0.005)
-    assert t["4"]["ncc_dirnet_minus_elastix"] == pytest.approx(-0.07)
-    assert (t["4"]["folding_dirnet"], t["4"]["folding_elastix"]) == (0.01, 0.001)
+    assert set(t) == {"gs8", "gs4", "default"}  # no paper row given
+    assert t["gs8"]["speedup"] == pytest.approx(160) and t["gs4"]["speedup"] == pytest.approx(80)
+    assert t["default"]["speedup"] == pytest.approx(40) and t["default"]["elastix"] == "elastix gs=4"
+    assert t["gs8"]["ncc_dirnet_minus_elastix"] == pytest.approx(-0.005)
+    assert t["gs4"]["ncc_dirnet_minus_elastix"] == pytest.approx(-0.07)
+    assert (t["gs4"]["folding_dirnet"], t["gs4"]["folding_elastix"]) == (0.01, 0.001)
 
 
 def test_benchmark_trains_missing_models_with_valid_experiment_flags(tmp_path, monkeypatch):
@@ -118,22 +123,32 @@ def test_benchmark_trains_missing_models_with_valid_experiment_flags(tmp_path, m
 
     calls = []
     monkeypatch.setattr(br.subprocess, "run", lambda cmd, check: calls.append(cmd))
-    for gs in br.GRID_SPACINGS:
-        export_dir, logdir = br.ensure_model(gs, None, root=str(tmp_path / "runs"),
+    for name in br.MODELS:
+        export_dir, logdir = br.ensure_model(name, None, root=str(tmp_path / "runs"),
                                              exports=str(tmp_path / "exports"), steps=7)
-        assert export_dir == str(tmp_path / "exports" / f"mnist_gs{gs}")
-        assert logdir == str(tmp_path / "runs" / f"mnist_gs{gs}")
-    assert len(calls) == len(br.GRID_SPACINGS)
-    for gs, cmd in zip(br.GRID_SPACINGS, calls):
+        assert export_dir == str(tmp_path / "exports" / f"mnist_{name}")
+        assert logdir == str(tmp_path / "runs" / f"mnist_{name}")
+    assert len(calls) == len(br.MODELS)
+    for (name, (_, gs, train_flags)), cmd in zip(br.MODELS.items(), calls):
         assert cmd[1:3] == ["-m", "experiments.mnist"]
         parsed = copy.deepcopy(flags.FLAGS)  # the global flags stay unparsed
         parsed(["mnist", *cmd[3:]])
-        assert parsed.grid_spacing == gs and parsed.steps == 7
-        for flag in br.TRAIN_FLAGS[gs]:
-            name, value = flag[2:].split("=")
-            assert str(getattr(parsed, name)) == value
+        mnist = sys.modules["experiments.mnist"]
+
+        def effective(flag):  # as experiments.mnist resolves it: command line, then preset, then default
+            if parsed[flag].present:
+                return parsed[flag].value
+            preset = mnist.PRESETS.get(parsed.preset) or {} if parsed.preset else {}
+            return preset[flag] if flag in preset else mnist.DEFAULTS.get(flag, parsed[flag].value)
+
+        spacings = [int(t) for t in str(effective("stages") or "").split(",") if t.strip().isdigit()]
+        finest = min(spacings) if spacings else int(effective("grid_spacing"))
+        assert finest == gs and parsed.steps == 7, name
+        for flag in train_flags:
+            key, value = flag[2:].split("=")
+            assert str(getattr(parsed, key)) == value
     with pytest.raises(ValueError, match="not a SavedModel"):
-        br.ensure_model(8, str(tmp_path))
+        br.ensure_model("gs8", str(tmp_path))
 
 
 def test_registration_table_names_the_regressor_passes(tmp_path):
