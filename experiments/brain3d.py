@@ -84,7 +84,7 @@ import numpy as np
 from absl import flags
 from scipy import ndimage
 
-from dirnet_tf import metrics, readers
+from dirnet_tf import files, metrics, readers
 from dirnet_tf.inference import load_export, predict, time_per_pair
 from dirnet_tf.warping import warp, warp_labels
 from experiments import common, train
@@ -165,16 +165,9 @@ def template_files():
 
 
 def portable_path(path):
-    """``path`` for a results file: ``package:version/inside`` for a packaged file, else relative."""
-    path = os.path.abspath(os.fspath(path))
-    for package in sorted({p for p, _ in FILES.values()}):
-        spec = importlib.util.find_spec(package)
-        for folder in (spec.submodule_search_locations or []) if spec else []:
-            folder = os.path.abspath(folder)
-            if path.startswith(folder + os.sep):
-                return f"{package}:{_version(package)}/{os.path.relpath(path, folder).replace(os.sep, '/')}"
-    relative = os.path.relpath(path)
-    return path if relative.startswith("..") else relative
+    """``path`` for a results file: ``package:version/inside`` for a packaged file, else relative
+    (:func:`dirnet_tf.files.portable_path`)."""
+    return files.portable_path(path, sorted({p for p, _ in FILES.values()}))
 
 
 def read_volume(path):
@@ -637,16 +630,8 @@ def run(config):
         raise ValueError(f"--pairs={config['pairs']}: this example trains on synthetic pairs only "
                          "(--pairs=synthetic); use python -m experiments.train for other pairings")
     config, inputs = prepare_inputs(config)
-    result = train.run(config)
-    if not config["evaluate"] or "pairs" not in result:
-        return result
-    result["brain3d"] = evaluate_brain(config, inputs, result, start)
-    result.update(images=portable_path(config["images"]), model=portable_path(result["model"]))
-    path = common.write_metrics(config, result)
-    _print_summary(result["brain3d"])
-    print(f"[brain3d] wrote {path}, brain3d_registration.png and brain3d_templates.png in {config['logdir']} "
-          f"({result['brain3d']['seconds']:.0f} s)", flush=True)
-    return result
+    return train.run_example(config, "brain3d", lambda result: evaluate_brain(config, inputs, result, start),
+                             _print_summary, "brain3d_registration.png and brain3d_templates.png", portable_path)
 
 
 def main():

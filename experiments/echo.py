@@ -71,7 +71,7 @@ from absl import flags
 from scipy import ndimage
 from scipy.spatial import Delaunay
 
-from dirnet_tf import metrics, readers
+from dirnet_tf import files, metrics, readers
 from dirnet_tf.inference import load_export, predict
 from dirnet_tf.warping import compose_displacements
 from experiments import common, train
@@ -135,20 +135,9 @@ def example_file():
 
 
 def portable_path(path):
-    """``path`` for a results file: relative to the working directory when below it, the
-    installed pydicom's example as ``pydicom:<version>/data/test_files/<name>``, else as given."""
-    path = os.fspath(path)
-    try:
-        import pydicom
-
-        package = os.path.dirname(os.path.abspath(pydicom.__file__))
-        if os.path.abspath(path).startswith(package + os.sep):
-            inside = os.path.relpath(os.path.abspath(path), package).replace(os.sep, "/")
-            return f"pydicom:{pydicom.__version__}/{inside}"
-    except ImportError:
-        pass
-    relative = os.path.relpath(os.path.abspath(path))
-    return path if relative.startswith("..") else relative
+    """``path`` for a results file (:func:`dirnet_tf.files.portable_path`; pydicom's example as
+    ``pydicom:<version>/data/test_files/<name>``)."""
+    return files.portable_path(path, ("pydicom",))
 
 
 def read_cine(path):
@@ -654,16 +643,8 @@ def run(config):
     """
     start = time.perf_counter()
     config, frames, mask = prepare_inputs(config)
-    result = train.run(config)
-    if not config["evaluate"] or "pairs" not in result:
-        return result
-    result["echo"] = evaluate_echo(config, frames, mask, result, start)
-    result.update(images=portable_path(config["images"]), model=portable_path(result["model"]))
-    path = common.write_metrics(config, result)
-    _print_summary(result["echo"])
-    print(f"[echo] wrote {path}, echo_registration.png and echo_strip.png in {config['logdir']} "
-          f"({result['echo']['seconds']:.0f} s)", flush=True)
-    return result
+    return train.run_example(config, "echo", lambda result: evaluate_echo(config, frames, mask, result, start),
+                             _print_summary, "echo_registration.png and echo_strip.png", portable_path)
 
 
 def main():

@@ -492,6 +492,40 @@ def run(config):
     return result
 
 
+def run_example(config, name, report, print_summary, figures, portable_path):
+    """:func:`run`, then a worked example's own report on the export (``experiments.echo``, ``brain3d``).
+
+    Parameters
+    ----------
+    config : dict
+        Flag values, the example's inputs already prepared.
+    name : str
+        Key of the report in ``metrics.json`` and prefix of the console lines.
+    report : callable
+        ``result of run -> dict`` (with ``seconds``: the whole command's time).
+    print_summary : callable
+        Prints the report.
+    figures : str
+        The report's figures, for the closing line.
+    portable_path : callable
+        How ``metrics.json`` records the images and the model.
+
+    Returns
+    -------
+    dict
+        The metrics written to ``metrics.json``: :func:`run`'s plus ``name``.
+    """
+    result = run(config)
+    if not config["evaluate"] or "pairs" not in result:
+        return result
+    result[name] = report(result)
+    result.update(images=portable_path(config["images"]), model=portable_path(result["model"]))
+    path = common.write_metrics(config, result)
+    print_summary(result[name])
+    print(f"[{name}] wrote {path}, {figures} in {config['logdir']} ({result[name]['seconds']:.0f} s)", flush=True)
+    return result
+
+
 def main():
     """Command line: apply this command's defaults, then parse flags and run."""
     common.run_experiment(run, DEFAULTS, errors=(readers.InputError,))
