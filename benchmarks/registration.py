@@ -5,7 +5,8 @@ saves: 100 same-digit test pairs per digit, seed 0):
 
 * DIRNet rows (:data:`MODELS`, chosen with ``--dirnet_models``): ``default`` -- the folding-free
   default of ``experiments.mnist`` (B-spline stages at spacing 8 then 4), compared with elastix
-  at spacing 4; ``paper`` -- the paper's setting (``--preset=paper``: one pass, no constraint,
+  at spacing 4; ``accurate`` -- ``--preset=accurate`` (three passes per stage, trained
+  stage-wise, with a folding penalty), also against spacing 4; ``paper`` -- the paper's setting (``--preset=paper``: one pass, no constraint,
   no regulariser, spacing 8); ``gs8`` / ``gs4`` -- the additive-pass models of the previous
   default.  Each is a SavedModel exported by ``experiments.mnist`` (given with ``--model_NAME``;
   otherwise trained here with the flags in :data:`MODELS` into ``runs/bench/mnist_NAME`` and
@@ -64,12 +65,14 @@ GRID_SPACINGS = (8, 4)
 
 # The DIRNet models this benchmark compares: name -> (row label, grid spacing of the elastix row it is
 # compared with, flags of ``python -m experiments.mnist`` that train it when no export is given).
-# "default" is the experiment's folding-free default (stages 8 then 4); "paper" the paper's setting
+# "default" is the experiment's folding-free default (stages 8 then 4), "accurate" its --preset=accurate
+# (three passes per stage, stage-wise, a folding penalty); "paper" the paper's setting
 # (one pass, no constraint, no regulariser); gs8 / gs4 the additive-pass models of the previous default:
 # gs8 exported with the 2 passes it was trained with (a third, untrained pass gains NCC but doubles
 # folding), gs4 a regressor twice as wide at full and half resolution, 3 passes trained, 4 exported.
 MODELS = {
     "default": ("DIRNet default (stages 8,4)", 4, ()),
+    "accurate": ("DIRNet accurate (stages 8,4, 3 passes)", 4, ("--preset=accurate",)),
     "paper": ("DIRNet paper setting (gs=8)", 8, ("--preset=paper",)),
     "gs8": ("DIRNet gs=8", 8, ("--grid_spacing=8", "--preset=additive", "--inference_passes=2")),
     "gs4": ("DIRNet gs=4", 4, ("--grid_spacing=4", "--preset=additive", "--filters=16,32,32", "--passes=3",

@@ -236,3 +236,21 @@ def test_bad_input_gives_clear_errors(tmp_path, hdf5):
     assert proc.returncode == 1 and "nothing.npz" in proc.stderr and "Traceback" not in proc.stderr
     proc = _run(_common(hdf5, tmp_path / "r3", tmp_path / "e3") + ["--export_only"], check=False)
     assert proc.returncode == 1 and "no checkpoint" in proc.stderr
+
+
+def test_presets_set_their_flags_and_the_command_line_wins(tmp_path, hdf5):
+    """--preset=accurate trains stage-wise (one run directory per stage) with 3 passes and a folding
+    penalty; a flag given next to a preset keeps its command-line value."""
+    logdir = tmp_path / "accurate"
+    _run(_common(hdf5, logdir, tmp_path / "e1") + ["--preset=accurate", "--steps=4", "--noevaluate"])
+    assert sorted(p.name for p in logdir.iterdir() if p.is_dir()) == ["stage1", "stage2"]
+    with open(logdir / "stage2" / "flags.json") as f:
+        last = json.load(f)
+    assert (last["passes"], last["folding_weight"], last["stagewise"], last["stages"]) == (3, 1.0, True, "8,4")
+    with open(logdir / "stage1" / "flags.json") as f:
+        assert json.load(f)["stages"] == "8"
+    paper = tmp_path / "paper"
+    _run(_common(hdf5, paper, tmp_path / "e2") + ["--preset=paper", "--passes=2", "--steps=2", "--noevaluate"])
+    with open(paper / "flags.json") as f:
+        flags = json.load(f)
+    assert (flags["passes"], flags["bounded"], flags["stages"], flags["steps"]) == (2, False, "", 2)
