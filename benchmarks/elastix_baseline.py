@@ -138,21 +138,23 @@ def parameter_file(grid_spacing, settings_path=SETTINGS_FILE):
     return files[key]
 
 
-def _as_batch(name, array):
-    """``[N, H, W]`` or ``[N, H, W, 1]`` (or one ``[H, W]`` / ``[H, W, 1]`` image) -> float32 ``[N, H, W]``."""
+def _as_batch(name, array, ndim=2):
+    """Images ``[N, *spatial]`` or ``[N, *spatial, 1]`` (or one 2-D image ``[H, W]`` / ``[H, W, 1]``,
+    one volume ``[D, H, W]``) -> float32 ``[N, *spatial]`` with ``ndim`` spatial axes."""
     array = np.asarray(array)
     if array.dtype.kind not in "fiu":
         raise ValueError(f"{name} must be a numeric image array, got dtype {array.dtype}")
-    if array.ndim == 4 and array.shape[-1] == 1:
+    if array.ndim == ndim + 2 and array.shape[-1] == 1:
         array = array[..., 0]
-    elif array.ndim == 2:
+    elif array.ndim == ndim:
         array = array[None]
-    elif array.ndim == 3 and array.shape[-1] == 1 and array.shape[0] != 1:
+    elif ndim == 2 and array.ndim == 3 and array.shape[-1] == 1 and array.shape[0] != 1:
         # one [H, W, 1] image (a batch of [H, W] images would rarely have W == 1)
         array = array[None, ..., 0]
-    if array.ndim != 3 or min(array.shape[1:]) < 4:
-        raise ValueError(f"{name} must be 2-D single-channel images [N, H, W(, 1)] of at least 4x4 "
-                         f"pixels, got shape {np.shape(array)}")
+    if array.ndim != ndim + 1 or min(array.shape[1:]) < 4:
+        axes = "H, W" if ndim == 2 else "D, H, W"
+        raise ValueError(f"{name} must be {ndim}-D single-channel images [N, {axes}(, 1)] of at least 4 "
+                         f"pixels per axis, got shape {np.shape(array)}")
     array = array.astype(np.float32)
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} contains non-finite pixel values")
@@ -171,9 +173,14 @@ class ElastixRegistration:
         Threads per registration (``None``: the committed ``settings.json`` value).
     parameter_file : str or None
         Another elastix parameter file to use instead of the committed one.
+    ndim : int
+        2 (images) or 3 (volumes).
     """
 
-    def __init__(self, grid_spacing=8, threads=None, parameter_file=None):
+    def __init__(self, grid_spacing=8, threads=None, parameter_file=None, ndim=2):
+        if ndim not in (2, 3):
+            raise ValueError(f"ndim must be 2 or 3, got {ndim}")
+        self.ndim = int(ndim)
         self.itk = import_itk()
         settings = load_settings()
         self.grid_spacing = int(grid_spacing)
@@ -196,10 +203,12 @@ class ElastixRegistration:
         """Delete the scratch directory that transformix writes into."""
         self._cleanup()
 
-    def _image(self, array):
-        image = self.itk.image_from_array(np.ascontiguousarray(array, dtype=np.float32))
-        image.SetSpacing([1.0, 1.0])
-        image.SetOrigin([0.0, 0.0])
+    def _image(self, array, spacing=None, dtype=np.float32):
+        """An ITK image of ``array`` (origin 0, ``spacing`` per array axis, default 1)."""
+        image = self.itk.image_from_array(np.ascontiguousarray(array, dtype=dtype))
+        spacing = [1.0] * self.ndim if spacing is None else [float(v) for v in spacing]
+        image.SetSpacing(spacing[::-1])  # ITK orders axes x, y(, z): the reverse of the array's
+        image.SetOrigin([0.0] * self.ndim)
         return image
 
     def register(self, fixed, moving, compute_displacement=True):
@@ -224,43 +233,54 @@ class ElastixRegistration:
                 "displacement": None if out["displacement"] is None else out["displacement"][0],
                 "seconds": float(out["seconds"][0])}
 
-    def register_batch(self, fixed, moving, compute_displacement=True, progress=None):
+    def register_batch(self, fixed, moving, compute_displacement=True, progress=None, spacing=None,
+                       fixed_mask=None):
         """Register pairs one after another (elastix has no batched mode).
 
         Parameters
         ----------
-        fixed, moving : arrays ``[N, H, W]`` or ``[N, H, W, 1]`` with the same shape.
+        fixed, moving : arrays ``[N, *spatial]`` or ``[N, *spatial, 1]`` with the same shape
+            (``ndim`` spatial axes).
         compute_displacement : bool
             Also return the dense displacement fields (not timed).
         progress : callable or None
             Called as ``progress(done, total)`` after each pair.
+        spacing : sequence of float or None
+            Voxel size per array axis (default 1): elastix works in these physical units;
+            the returned displacement is converted back to voxels.
+        fixed_mask : array ``[*spatial]`` or None
+            Where the fixed image counts (non-zero), elastix's fixed-image mask, for every pair.
 
         Returns
         -------
         dict
-            ``warped`` float32 ``[N, H, W, 1]``, ``displacement`` float32
-            ``[N, H, W, 2]`` (ij order, pixels) or ``None``, ``seconds`` float64 ``[N]``.
+            ``warped`` float32 ``[N, *spatial, 1]``, ``displacement`` float32
+            ``[N, *spatial, ndim]`` (ij order, voxels) or ``None``, ``seconds`` float64 ``[N]``.
         """
-        fixed = _as_batch("fixed", fixed)
-        moving = _as_batch("moving", moving)
+        fixed = _as_batch("fixed", fixed, self.ndim)
+        moving = _as_batch("moving", moving, self.ndim)
         if fixed.shape != moving.shape:
             raise ValueError(f"fixed and moving must have the same shape, got {fixed.shape} "
                              f"and {moving.shape}")
         itk = self.itk
-        n, h, w = fixed.shape
-        warped = np.zeros((n, h, w, 1), np.float32)
-        displacement = np.zeros((n, h, w, 2), np.float32) if compute_displacement else None
+        n, shape = fixed.shape[0], fixed.shape[1:]
+        options = {}
+        if fixed_mask is not None:
+            options["fixed_mask"] = self._image(np.asarray(fixed_mask) != 0, spacing, np.uint8)
+        warped = np.zeros((n,) + shape + (1,), np.float32)
+        displacement = np.zeros((n,) + shape + (self.ndim,), np.float32) if compute_displacement else None
+        scale = np.ones(self.ndim) if spacing is None else np.asarray(spacing, np.float64)
         seconds = np.zeros(n, np.float64)
         for k in range(n):
             start = time.perf_counter()
-            f_img, m_img = self._image(fixed[k]), self._image(moving[k])
+            f_img, m_img = self._image(fixed[k], spacing), self._image(moving[k], spacing)
             try:
                 result, transform = itk.elastix_registration_method(
                     f_img, m_img, parameter_object=self.parameters,
-                    number_of_threads=self.threads, log_to_console=False)
+                    number_of_threads=self.threads, log_to_console=False, **options)
             except Exception as exc:  # noqa: BLE001 - ITK raises RuntimeError subclasses
-                raise RuntimeError(f"elastix failed on pair {k} ({h}x{w}, grid spacing "
-                                   f"{self.grid_spacing}): {exc}") from exc
+                raise RuntimeError(f"elastix failed on pair {k} ({'x'.join(map(str, shape))}, "
+                                   f"{os.path.basename(self.parameter_file)}): {exc}") from exc
             warped[k, ..., 0] = itk.array_from_image(result)
             seconds[k] = time.perf_counter() - start
             if compute_displacement:
@@ -270,9 +290,9 @@ class ElastixRegistration:
                 transformix.SetOutputDirectory(self._scratch)
                 transformix.LogToConsoleOff()
                 transformix.UpdateLargestPossibleRegion()
-                field = transformix.GetOutputDeformationField()
-                # ITK vectors are (x, y) = (column, row): flip to ij.
-                displacement[k] = np.asarray(itk.array_from_image(field))[..., ::-1]
+                field = np.asarray(itk.array_from_image(transformix.GetOutputDeformationField()), np.float64)
+                # ITK vectors are (x, y(, z)) in physical units: flip to ij and divide by the spacing.
+                displacement[k] = field[..., ::-1] / scale
             if progress is not None:
                 progress(k + 1, n)
         return {"warped": warped, "displacement": displacement, "seconds": seconds}

@@ -76,8 +76,6 @@ training on such data with ``python -m experiments.train``.
 import importlib.metadata
 import importlib.util
 import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -288,11 +286,14 @@ def model_volume(config, inputs, name):
 def elastix_register_3d(fixed, moving, spacing, parameter_file=ELASTIX_PARAMETER_FILE, threads=None):
     """elastix registration of 3-D pairs; DIRNet's conventions.
 
+    :meth:`benchmarks.elastix_baseline.ElastixRegistration.register_batch` on volumes of
+    ``spacing`` mm per array axis (origin 0, identity directions).
+
     Parameters
     ----------
     fixed, moving : arrays ``[N, D, H, W, 1]``
     spacing : sequence of 3 float
-        mm per array axis (the images get this spacing, origin 0, identity directions).
+        mm per array axis.
     parameter_file : str
     threads : int or None
         Threads per registration (None: ``baselines/elastix/settings.json``).
@@ -301,49 +302,17 @@ def elastix_register_3d(fixed, moving, spacing, parameter_file=ELASTIX_PARAMETER
     -------
     dict
         ``displacement`` ``[N, D, H, W, 3]`` in voxels, ij order (``warped(x) = moving(x + u(x))``,
-        the transformix deformation field at every fixed voxel), ``warped_elastix`` (elastix's result
+        the transformix deformation field at every fixed voxel), ``warped`` (elastix's result
         image) and ``seconds`` ``[N]`` (registration with the image conversions; the field is
         computed afterwards, untimed).
     """
-    from benchmarks.elastix_baseline import import_itk, load_settings
+    from benchmarks.elastix_baseline import ElastixRegistration
 
-    itk = import_itk()
-    threads = int(threads or load_settings()["threads"])
-    parameters = itk.ParameterObject.New()
-    parameters.AddParameterFile(os.fspath(parameter_file))
-    parameters.SetParameter("WriteResultImage", "true")
-    spacing = np.asarray(spacing, np.float64)
-    itk_spacing = [float(s) for s in spacing[::-1]]
-
-    def image(array):
-        out = itk.image_from_array(np.ascontiguousarray(array[..., 0], np.float32))
-        out.SetSpacing(itk_spacing)
-        out.SetOrigin([0.0, 0.0, 0.0])
-        return out
-
-    fixed, moving = np.asarray(fixed, np.float32), np.asarray(moving, np.float32)
-    n = len(fixed)
-    out = {"displacement": np.zeros(fixed.shape[:-1] + (3,), np.float32),
-           "warped_elastix": np.zeros_like(fixed), "seconds": np.zeros(n)}
-    scratch = tempfile.mkdtemp(prefix="dirnet_brain3d_elastix_")
+    reg = ElastixRegistration(parameter_file=parameter_file, threads=threads, ndim=3)
     try:
-        for k in range(n):
-            start = time.perf_counter()
-            f_img, m_img = image(fixed[k]), image(moving[k])
-            result, transform = itk.elastix_registration_method(
-                f_img, m_img, parameter_object=parameters, number_of_threads=threads, log_to_console=False)
-            out["warped_elastix"][k, ..., 0] = itk.array_from_image(result)
-            out["seconds"][k] = time.perf_counter() - start
-            transformix = itk.TransformixFilter.New(moving_image=m_img, transform_parameter_object=transform)
-            transformix.SetComputeDeformationField(True)
-            transformix.SetOutputDirectory(scratch)
-            transformix.LogToConsoleOff()
-            transformix.UpdateLargestPossibleRegion()
-            field = np.asarray(itk.array_from_image(transformix.GetOutputDeformationField()), np.float64)
-            out["displacement"][k] = field[..., ::-1] / spacing  # ITK (x, y, z) mm -> ij voxels
+        return reg.register_batch(fixed, moving, spacing=spacing)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return out
+        reg.close()
 
 
 # --------------------------------------------------------------------------- scores

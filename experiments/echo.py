@@ -407,9 +407,8 @@ def score(fixed, warped, displacement, sector, spacing, eval_pairs):
 def elastix_register(fixed, moving, mask, parameter_file=ELASTIX_PARAMETER_FILE, threads=None):
     """elastix B-spline registration of pairs, with ``mask`` as the fixed-image mask.
 
-    :class:`benchmarks.elastix_baseline.ElastixRegistration` (same conventions: ``warped(p) =
-    M(p + displacement(p))``, pixels, ij order) does not pass a mask to elastix; this loop does
-    the same per pair with ``fixed_mask``.
+    :meth:`benchmarks.elastix_baseline.ElastixRegistration.register_batch` (``warped(p) =
+    M(p + displacement(p))``, pixels, ij order) with ``fixed_mask=mask``.
 
     Parameters
     ----------
@@ -426,36 +425,13 @@ def elastix_register(fixed, moving, mask, parameter_file=ELASTIX_PARAMETER_FILE,
         registration with its image conversions; the displacement field is computed afterwards,
         untimed).
     """
-    from benchmarks.elastix_baseline import ElastixRegistration, _as_batch
+    from benchmarks.elastix_baseline import ElastixRegistration
 
     reg = ElastixRegistration(parameter_file=parameter_file, threads=threads)
-    itk = reg.itk
-    fixed, moving = _as_batch("fixed", fixed), _as_batch("moving", moving)
-    mask_image = itk.image_from_array(np.ascontiguousarray(mask, np.uint8))
-    mask_image.SetSpacing([1.0, 1.0])
-    mask_image.SetOrigin([0.0, 0.0])
-    n, h, w = fixed.shape
-    out = {"warped": np.zeros((n, h, w, 1), np.float32), "displacement": np.zeros((n, h, w, 2), np.float32),
-           "seconds": np.zeros(n)}
     try:
-        for k in range(n):
-            start = time.perf_counter()
-            f_img, m_img = reg._image(fixed[k]), reg._image(moving[k])
-            result, transform = itk.elastix_registration_method(
-                f_img, m_img, parameter_object=reg.parameters, fixed_mask=mask_image,
-                number_of_threads=reg.threads, log_to_console=False)
-            out["warped"][k, ..., 0] = itk.array_from_image(result)
-            out["seconds"][k] = time.perf_counter() - start
-            transformix = itk.TransformixFilter.New(moving_image=m_img, transform_parameter_object=transform)
-            transformix.SetComputeDeformationField(True)
-            transformix.SetOutputDirectory(reg._scratch)
-            transformix.LogToConsoleOff()
-            transformix.UpdateLargestPossibleRegion()
-            field = np.asarray(itk.array_from_image(transformix.GetOutputDeformationField()))
-            out["displacement"][k] = field[..., ::-1]  # ITK (x, y) -> ij
+        return reg.register_batch(fixed, moving, fixed_mask=mask)
     finally:
         reg.close()
-    return out
 
 
 def by_gap(eval_pairs, **ncc):
