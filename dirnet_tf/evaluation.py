@@ -24,7 +24,7 @@ from dirnet_tf import metrics
 from dirnet_tf.inference import predict, time_per_pair
 from dirnet_tf.warping import warp_labels
 
-__all__ = ["evaluate_pairs", "label_scores"]
+__all__ = ["evaluate_pairs", "field_scores", "label_scores"]
 
 DISPLACEMENT_UNITS = "voxels of the model grid, ij (array) order; *_mm: times spacing_mm"
 
@@ -61,44 +61,65 @@ def evaluate_pairs(fn, fixed, moving, spacing=None, labels=None, boundary="borde
     """
     fixed = np.asarray(fixed, np.float32)
     moving = np.asarray(moving, np.float32)
-    ndim = fixed.ndim - 2
     pred = predict(fn, fixed, moving, batch_size)
     disp = pred["displacement"]
-    ncc_before = metrics.ncc(fixed, moving, batched=True)
-    ncc_after = metrics.ncc(fixed, pred["warped"], batched=True)
-    folding = np.asarray(metrics.folding_fraction(disp)).reshape(-1)
-    length = np.linalg.norm(disp, axis=-1)
+    result, per_pair = field_scores(fixed, moving, pred["warped"], disp, spacing)
     timing = time_per_pair(fn, fixed, moving, batch_size=max(1, min(timing_batch_size, len(fixed))))
-    result = {
-        "pairs": int(len(fixed)),
-        "ncc_before": float(ncc_before.mean()), "ncc_after": float(ncc_after.mean()),
-        "ncc_after_median": float(np.median(ncc_after)), "ncc_after_std": float(ncc_after.std()),
-        "folding_fraction": float(folding.mean()), "folding_fraction_max": float(folding.max()),
-        "pairs_with_folding": int((folding > 0).sum()),
-        "mean_displacement_voxels": float(length.mean()), "max_displacement_voxels": float(length.max()),
-        "ms_per_pair": timing["ms_per_pair"], "ms_per_pair_min": timing["ms_per_pair_min"],
-        "timing_batch_size": timing["batch_size"], "timing_repeats": timing["repeats"],
-        "displacement_units": DISPLACEMENT_UNITS,
-    }
-    scale = None
-    if spacing is not None:
-        scale = np.broadcast_to(np.asarray(spacing, np.float64), (ndim,))
-        length_mm = np.linalg.norm(disp * scale, axis=-1)
-        result.update(mean_displacement_mm=float(length_mm.mean()), max_displacement_mm=float(length_mm.max()),
-                      spacing_mm=[float(s) for s in scale])
+    result.update(ms_per_pair=timing["ms_per_pair"], ms_per_pair_min=timing["ms_per_pair_min"],
+                  timing_batch_size=timing["batch_size"], timing_repeats=timing["repeats"])
     if inverse:
         reverse = predict(fn, moving, fixed, batch_size)["displacement"]
         residual = metrics.inverse_consistency(disp, reverse)
         result["inverse_consistency_px"] = float(np.mean(residual))
-        if scale is not None:
-            result["inverse_consistency_mm"] = float(np.mean(metrics.inverse_consistency(disp, reverse, scale)))
+        if spacing is not None:
+            result["inverse_consistency_mm"] = float(np.mean(metrics.inverse_consistency(
+                disp, reverse, result["spacing_mm"])))
         pred["inverse_consistency"] = residual
     if identity:
         result["identity"] = identity_check(fn, fixed, batch_size)
     if labels is not None:
         result["labels"] = label_scores(labels[0], labels[1], disp, boundary, spacing)
-    pred.update(ncc_before=ncc_before, ncc_after=ncc_after, folding=folding)
+    pred.update(per_pair)
     return result, pred
+
+
+def field_scores(fixed, moving, warped, displacement, spacing=None):
+    """The scores of given registrations (any method's): NCC, folding, displacement length.
+
+    Parameters
+    ----------
+    fixed, moving, warped : arrays ``[P, *spatial, C]``.
+    displacement : array ``[P, *spatial, ndim]`` (voxels, ij).
+    spacing : sequence of float or None
+        Voxel size in mm per axis; adds the ``*_mm`` values and ``spacing_mm``.
+
+    Returns
+    -------
+    tuple
+        ``(result, per_pair)``: the summary (floats, JSON-ready) and per pair ``ncc_before``,
+        ``ncc_after``, ``folding``.
+    """
+    disp = np.asarray(displacement)
+    ndim = disp.shape[-1]
+    ncc_before = metrics.ncc(fixed, moving, batched=True)
+    ncc_after = metrics.ncc(fixed, warped, batched=True)
+    folding = np.asarray(metrics.folding_fraction(disp)).reshape(-1)
+    length = np.linalg.norm(disp, axis=-1)
+    result = {
+        "pairs": int(len(disp)),
+        "ncc_before": float(ncc_before.mean()), "ncc_after": float(ncc_after.mean()),
+        "ncc_after_median": float(np.median(ncc_after)), "ncc_after_std": float(ncc_after.std()),
+        "folding_fraction": float(folding.mean()), "folding_fraction_max": float(folding.max()),
+        "pairs_with_folding": int((folding > 0).sum()),
+        "mean_displacement_voxels": float(length.mean()), "max_displacement_voxels": float(length.max()),
+        "displacement_units": DISPLACEMENT_UNITS,
+    }
+    if spacing is not None:
+        scale = np.broadcast_to(np.asarray(spacing, np.float64), (ndim,))
+        length_mm = np.linalg.norm(disp * scale, axis=-1)
+        result.update(mean_displacement_mm=float(length_mm.mean()), max_displacement_mm=float(length_mm.max()),
+                      spacing_mm=[float(s) for s in scale])
+    return result, {"ncc_before": ncc_before, "ncc_after": ncc_after, "folding": folding}
 
 
 def identity_check(fn, images, batch_size=64):

@@ -82,7 +82,7 @@ import numpy as np
 from absl import flags
 from scipy import ndimage
 
-from dirnet_tf import files, metrics, readers
+from dirnet_tf import evaluation, files, metrics, readers
 from dirnet_tf.inference import load_export, predict, time_per_pair
 from dirnet_tf.warping import warp, warp_labels
 from experiments import common, train
@@ -320,7 +320,8 @@ def elastix_register_3d(fixed, moving, spacing, parameter_file=ELASTIX_PARAMETER
 
 def field_scores(fixed, moving, displacement, spacing, boundary="border", test=None, fixed_mask=None,
                  moving_mask=None):
-    """NCC, folding and (synthetic pairs) endpoint error / Dice of recovered fields.
+    """NCC, folding, displacement (:func:`dirnet_tf.evaluation.field_scores`) and (synthetic pairs)
+    endpoint error / Dice of recovered fields.
 
     Parameters
     ----------
@@ -341,12 +342,7 @@ def field_scores(fixed, moving, displacement, spacing, boundary="border", test=N
     """
     displacement = np.asarray(displacement, np.float32)
     warped = warp(np.asarray(moving, np.float32), displacement, boundary=boundary).numpy()
-    before = metrics.ncc(fixed, moving, batched=True)
-    after = metrics.ncc(fixed, warped, batched=True)
-    folding = np.asarray(metrics.folding_fraction(displacement)).reshape(-1)
-    out = {"pairs": int(len(fixed)), "ncc_before": float(before.mean()), "ncc_after": float(after.mean()),
-           "folding_fraction": float(folding.mean()), "pairs_with_folding": int((folding > 0).sum()),
-           "mean_displacement_mm": float(np.linalg.norm(displacement * np.asarray(spacing), axis=-1).mean())}
+    out, _ = evaluation.field_scores(fixed, moving, warped, displacement, spacing)
     if test is not None:
         scores, _ = train.synthetic_scores(displacement, test, spacing, boundary)
         out.update(scores)

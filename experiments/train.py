@@ -197,8 +197,7 @@ def make_splits_and_pairs(config, data):
                                      "to the images (it is used as the fixed image of every pair)")
     if mode == "list":
         listed = pairs.read_pair_list(argument, names)
-    split = (pairs.split_within_groups(groups, config["split"]) if config["split_within_groups"]
-             else pairs.split_by_group(groups, config["split"], config["split_seed"]))
+    split = split_images(config, groups)
     if atlas_index is not None:  # the atlas is the fixed image of every split
         split = {k: np.union1d(v, [atlas_index]) if len(v) else v for k, v in split.items()}
     options = dict(max_frame_gap=config["max_frame_gap"], atlas_index=atlas_index, pairs=listed, names=names)
@@ -210,6 +209,13 @@ def make_splits_and_pairs(config, data):
         out[name] = (pairs.evaluation_pairs(groups, mode, subset=members, max_pairs=config["eval_pairs"],
                                             seed=seed, **options) if usable else np.zeros((0, 2), np.int64))
     return out
+
+
+def split_images(config, groups):
+    """Train / valid / test image indices: by group, or in time with ``--split_within_groups``."""
+    if config["split_within_groups"]:
+        return pairs.split_within_groups(groups, config["split"])
+    return pairs.split_by_group(groups, config["split"], config["split_seed"])
 
 
 def synthetic_deformation(config, grid):
@@ -241,8 +247,7 @@ def synthetic_plan(config, data):
         ``moving_labels``.
     """
     groups = data["groups"]
-    split = (pairs.split_within_groups(groups, config["split"]) if config["split_within_groups"]
-             else pairs.split_by_group(groups, config["split"], config["split_seed"]))
+    split = split_images(config, groups)
     deformation = synthetic_deformation(config, data["grid"])
     out = {"splits": split, "mode": "synthetic", "sampler_pairs": None, "deformation": deformation, "sources": {}}
     count = int(config["eval_pairs"])
