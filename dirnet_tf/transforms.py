@@ -676,14 +676,14 @@ def elastix_transform_parameters(control_points, grid_spacing, affine, image_sha
     ndim = grid["ndim"]
     params = grid["parameters"]
     transform = ['(Transform "BSplineTransform")', f"(NumberOfParameters {params.size})",
-                 f"(TransformParameters {_num(params)})"]
+                 f"(TransformParameters {elastix_numbers(params)})"]
     bspline_grid = [
         "// B-spline grid",
         f"(GridSize {_ints(grid['size'])})",
         f"(GridIndex {_ints([0] * ndim)})",
-        f"(GridSpacing {_num(grid['spacing'])})",
-        f"(GridOrigin {_num(grid['origin'])})",
-        f"(GridDirection {_num(grid['direction'].ravel(order='F'))})",
+        f"(GridSpacing {elastix_numbers(grid['spacing'])})",
+        f"(GridOrigin {elastix_numbers(grid['origin'])})",
+        f"(GridDirection {elastix_numbers(grid['direction'].ravel(order='F'))})",
         "(BSplineTransformSplineOrder 3)",
         '(UseCyclicTransform "false")',
         "",
@@ -725,11 +725,13 @@ def elastix_affine_parameters(matrix, affine, image_shape, moving_affine=None, i
         raise ValueError(f"image_shape {image_shape!r} must have {ndim} positive entries for a {ndim}-D matrix")
     params = np.concatenate([lin.ravel(), offset])
     transform = ['(Transform "AffineTransform")', f"(NumberOfParameters {params.size})",
-                 f"(TransformParameters {_num(params)})", f"(CenterOfRotationPoint {_num([0.0] * ndim)})"]
+                 f"(TransformParameters {elastix_numbers(params)})",
+                 f"(CenterOfRotationPoint {elastix_numbers([0.0] * ndim)})"]
     return _elastix_text("Affine map", transform, affine, shape, interpolation_order, default_pixel_value)
 
 
-def _num(values):
+def elastix_numbers(values):
+    """Floats as an elastix parameter-file value list (full precision, space-separated)."""
     return " ".join(repr(float(v)) for v in values)
 
 
@@ -764,9 +766,9 @@ def _elastix_text(what, transform_lines, affine, image_shape, interpolation_orde
         '(MovingInternalImagePixelType "float")',
         f"(Size {_ints(image_shape)})",
         f"(Index {_ints([0] * ndim)})",
-        f"(Spacing {_num(spacing)})",
-        f"(Origin {_num(origin)})",
-        f"(Direction {_num(direction)})",
+        f"(Spacing {elastix_numbers(spacing)})",
+        f"(Origin {elastix_numbers(origin)})",
+        f"(Direction {elastix_numbers(direction)})",
         '(UseDirectionCosines "true")',
         "",
         *extra_lines,

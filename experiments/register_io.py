@@ -29,7 +29,7 @@ import uuid
 
 import numpy as np
 
-from dirnet_tf.transforms import file_extension, itk_geometry, write_displacement_field
+from dirnet_tf.transforms import elastix_numbers, file_extension, itk_geometry, write_displacement_field
 
 __all__ = [
     "RegisterError", "pixel_affine", "image_affine", "model_affine", "planar_parts", "itk_grid",
@@ -557,18 +557,14 @@ def _replace_line(text, key, value):
     return pattern.sub(lambda _: f"({key} {value})", text)
 
 
-def _num(values):
-    return " ".join(repr(float(v)) for v in values)
-
-
 def _fixed_grid_lines(text, grid):
     ndim = len(grid["size"])
     direction = np.reshape(grid["direction"], (ndim, ndim)).ravel(order="F")  # elastix: column-major
     text = _replace_line(text, "Size", " ".join(str(int(n)) for n in grid["size"]))
     text = _replace_line(text, "Index", " ".join("0" for _ in range(ndim)))
-    text = _replace_line(text, "Spacing", _num(grid["spacing"]))
-    text = _replace_line(text, "Origin", _num(grid["origin"]))
-    return _replace_line(text, "Direction", _num(direction))
+    text = _replace_line(text, "Spacing", elastix_numbers(grid["spacing"]))
+    text = _replace_line(text, "Origin", elastix_numbers(grid["origin"]))
+    return _replace_line(text, "Direction", elastix_numbers(direction))
 
 
 def elastix_chain(texts, paths, fixed_grid):
