@@ -12,6 +12,8 @@ Keras ``(y_true, y_pred)`` order, images ``[B, *spatial, C]``.
   computed exactly at the pixels from the control points.
 * :func:`folding_penalty` -- mean of ``relu(epsilon - det J)`` with ``J`` the
   finite-difference Jacobian of ``x + u(x)``.
+* :func:`inverse_consistency_loss` -- mean residual (pixels) of composing the
+  a -> b and b -> a fields, both ways round.
 
 :func:`registration_objective` combines them into the per-pair objective that
 :class:`dirnet_tf.DIRNet` (and so the trainer and ``model.fit``) minimises.
@@ -27,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from dirnet_tf.bspline import bspline_derivative, map_determinant
+from dirnet_tf.warping import compose_displacements
 
 __all__ = [
     "ncc",
@@ -37,6 +40,7 @@ __all__ = [
     "bending_energy",
     "jacobian_determinant",
     "folding_penalty",
+    "inverse_consistency_loss",
     "SIMILARITIES",
     "get",
     "registration_objective",
@@ -296,6 +300,39 @@ def folding_penalty(displacement, epsilon=0.0, reduction="mean"):
     return _reduce(values, reduction)
 
 
+def inverse_consistency_loss(forward, backward, reduction="mean"):
+    """Mean residual of composing the a -> b and b -> a fields (0 = inverse consistent).
+
+    ``forward`` registers a to b (``x -> x + forward(x)`` samples b), ``backward`` b to
+    a; ``x + forward(x) + backward(x + forward(x))`` and ``x + backward(x) + forward(x +
+    backward(x))`` should both be ``x``.  The value is the mean over pixels of the two
+    residual lengths, averaged (a smooth norm, ``sqrt(r . r + 1e-6)``), in pixels: the
+    quantity :func:`dirnet_tf.metrics.inverse_consistency` reports, made symmetric and
+    differentiable (the field applied second is interpolated multilinearly, edge values
+    outside, as there).
+
+    Parameters
+    ----------
+    forward, backward : Tensor ``[B, *spatial, ndim]`` (pixels, ij), the fields of the
+        same pairs in the two directions.
+    reduction : ``"mean"`` or ``"none"``.
+    """
+    forward = tf.cast(forward, tf.float32)
+    backward = tf.cast(backward, tf.float32)
+    if forward.shape.rank not in (4, 5) or forward.shape[-1] != forward.shape.rank - 2:
+        raise ValueError(f"fields must be [B, H, W, 2] or [B, D, H, W, 3], got {forward.shape}")
+    if forward.shape != backward.shape:
+        raise ValueError(f"forward {forward.shape} and backward {backward.shape} fields differ in shape")
+    axes = list(range(1, forward.shape.rank - 1))
+
+    def mean_length(residual):
+        return tf.reduce_mean(tf.sqrt(tf.reduce_sum(tf.square(residual), axis=-1) + 1e-6), axis=axes)
+
+    values = 0.5 * (mean_length(compose_displacements(backward, forward))
+                    + mean_length(compose_displacements(forward, backward)))
+    return _reduce(values, reduction)
+
+
 # Similarity losses by name: the names of the ``--similarity`` flag.
 SIMILARITIES = {"ncc": ncc_loss, "lncc": local_ncc_loss, "mse": mse_loss}
 # Spelling accepted from configs saved before "lncc" was the only name.
@@ -320,7 +357,8 @@ def get(identifier):
 
 
 def registration_objective(similarity="ncc", bending_weight=0.0, folding_weight=0.0,
-                           image_shape=None, grid_spacing=None, step_spacings=None):
+                           image_shape=None, grid_spacing=None, step_spacings=None,
+                           inverse_consistency_weight=0.0):
     """The per-pair registration objective (what DIRNet minimises).
 
     ``loss = similarity(fixed, warped) + bending_weight * bending_energy(control_points)
@@ -338,6 +376,12 @@ def registration_objective(similarity="ncc", bending_weight=0.0, folding_weight=
         For a model of several B-spline steps (``outputs["control_point_steps"]``):
         the grid spacing of each step; the bending term is then the sum of the
         bending energies of the steps.
+    inverse_consistency_weight : float
+        Weight of :func:`inverse_consistency_loss` between ``outputs["displacement"]``
+        and ``outputs["inverse"]["displacement"]``.  When the outputs hold
+        ``"inverse"`` (the same pairs registered the other way round, as
+        :class:`dirnet_tf.DIRNet` returns in training with this weight), the other
+        terms are the means of the two directions.
 
     Returns
     -------
@@ -345,14 +389,28 @@ def registration_objective(similarity="ncc", bending_weight=0.0, folding_weight=
         ``objective(fixed, outputs) -> (per_pair_loss [B], {name: per_pair_value [B]})``
         where ``outputs`` is the model's dict (``warped``, and ``control_points`` /
         ``displacement`` for the regularisers); the parts are ``similarity``, ``ncc``
-        (always, for monitoring) and ``bending_energy`` / ``folding_penalty`` when
-        weighted.
+        (always, for monitoring) and ``bending_energy`` / ``folding_penalty`` /
+        ``inverse_consistency`` when weighted.
     """
     sim_fn = get(similarity)
     if bending_weight and (image_shape is None or grid_spacing is None):
         raise ValueError("bending_weight > 0 needs image_shape and grid_spacing")
 
     def objective(fixed, outputs):
+        total, parts = one_direction(fixed, outputs)
+        inverse = outputs.get("inverse") if isinstance(outputs, dict) else None
+        if inverse is None:
+            return total, parts
+        total_b, parts_b = one_direction(inverse["fixed"], inverse)
+        total = 0.5 * (total + total_b)
+        parts = {k: 0.5 * (v + parts_b[k]) for k, v in parts.items()}
+        if inverse_consistency_weight:
+            ic = inverse_consistency_loss(outputs["displacement"], inverse["displacement"], reduction="none")
+            parts["inverse_consistency"] = ic
+            total = total + inverse_consistency_weight * ic
+        return total, parts
+
+    def one_direction(fixed, outputs):
         fixed = tf.cast(fixed, tf.float32)
         warped = tf.cast(outputs["warped"], tf.float32)
         values = sim_fn(fixed, warped, reduction="none")

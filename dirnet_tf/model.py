@@ -75,6 +75,13 @@ class DIRNet(keras.Model):
         The regressors see each image standardised (zero mean, unit standard
         deviation per image), so a change of intensity scale does not change the
         result; the moving image itself is warped as it is.
+    inverse_consistency_weight : float
+        Weight of :func:`dirnet_tf.losses.inverse_consistency_loss` (default 0).
+        When it is positive, a call with ``training=True`` registers every pair
+        both ways (one batch of ``2B``) and returns the other direction under
+        ``"inverse"``; the objective then averages the two directions' terms and
+        adds the weighted residual of composing the two fields.  Inference
+        (``training=False``, the export) registers one way only, as before.
     **kwargs
         Passed to ``keras.Model`` (e.g. ``name``).
 
@@ -130,6 +137,7 @@ class DIRNet(keras.Model):
         bounded=False,
         symmetric=False,
         normalize_inputs=False,
+        inverse_consistency_weight=0.0,
         **kwargs,
     ):
         kwargs.setdefault("name", "dirnet")
@@ -154,6 +162,7 @@ class DIRNet(keras.Model):
         self.bounded = bool(bounded)
         self.symmetric = bool(symmetric)
         self.normalize_inputs = bool(normalize_inputs)
+        self.inverse_consistency_weight = float(inverse_consistency_weight)
         spline_spacings = ([self.grid_spacing] if self.stages is None else
                            [normalize_spacing(st, self.ndim) for st in self.stages if st != "affine"])
         # The finest B-spline stage gives the model's grid (metadata, transform export).
@@ -186,7 +195,8 @@ class DIRNet(keras.Model):
         self.resampler = Resampler(boundary, name="resampler", dtype=geometry_dtype)
         self._objective = _losses.registration_objective(
             similarity, self.bending_weight, self.folding_weight, self.image_shape, self.grid_spacing,
-            step_spacings=None if self._legacy else self._step_spacings())
+            step_spacings=None if self._legacy else self._step_spacings(),
+            inverse_consistency_weight=self.inverse_consistency_weight)
         self._build_all()
 
     @property
@@ -299,6 +309,19 @@ class DIRNet(keras.Model):
 
     def call(self, inputs, training=None):
         fixed, moving = self._unpack(inputs)
+        if not (training and self.inverse_consistency_weight):
+            return self._register(fixed, moving, training)
+        # Both directions in one batch: [a; b] registered to [b; a].
+        both = self._register(tf.concat([fixed, moving], 0), tf.concat([moving, fixed], 0), training)
+        half = tf.shape(fixed)[0]
+        forward = tf.nest.map_structure(lambda t: t[:half], both)
+        inverse = tf.nest.map_structure(lambda t: t[half:], both)
+        inverse["fixed"] = moving
+        forward["inverse"] = inverse
+        return forward
+
+    def _register(self, fixed, moving, training):
+        """The model's outputs for one direction (see the class docstring)."""
         if not self._legacy:
             return self._call_steps(fixed, moving, training)
         # Pass 1 sees the moving image; every later pass the current warped one.
@@ -431,6 +454,7 @@ class DIRNet(keras.Model):
             "bounded": self.bounded,
             "symmetric": self.symmetric,
             "normalize_inputs": self.normalize_inputs,
+            "inverse_consistency_weight": self.inverse_consistency_weight,
         }
 
     @classmethod

@@ -100,6 +100,9 @@ def define_flags():
            list(losses.SIMILARITIES))
     define("float", "bending_weight", 0.0, "Weight of the B-spline bending energy (0 = paper).")
     define("float", "folding_weight", 0.0, "Weight of the Jacobian folding penalty (0 = paper).")
+    define("float", "inverse_consistency_weight", 0.0, "Weight of the inverse-consistency loss: in training "
+           "every pair is also registered the other way round (a batch of 2 x --batch_size registrations) and "
+           "the residual of composing the two fields (pixels) is penalised (0 = paper).")
     define("string", "logdir", "runs/experiment", "Checkpoints, flags.json, TensorBoard events, metrics.")
     define("string", "export_dir", "exports/experiment", "Where the SavedModel is written.")
     define("integer", "seed", 0, "Seed of weight initialisation and of the training pair stream.")
@@ -219,7 +222,8 @@ def build_dirnet(image_shape, config, channels=1, boundary="border"):
     config : dict
         Flag values (:func:`flags_dict`): ``grid_spacing``, ``filters``,
         ``pointwise_filters``, ``convs_per_level``, ``batch_norm``, ``passes``,
-        ``similarity``, ``bending_weight``, ``folding_weight``.
+        ``similarity``, ``bending_weight``, ``folding_weight``, ``stages``, ``bounded``,
+        ``symmetric``, ``normalize_inputs``, ``inverse_consistency_weight``.
     channels : int
         Image channels.
     boundary : str
@@ -236,7 +240,8 @@ def build_dirnet(image_shape, config, channels=1, boundary="border"):
                   folding_weight=float(config.get("folding_weight", 0.0)),
                   stages=parse_stages(config.get("stages", "")),
                   bounded=bool(config.get("bounded", False)), symmetric=bool(config.get("symmetric", False)),
-                  normalize_inputs=bool(config.get("normalize_inputs", False)))
+                  normalize_inputs=bool(config.get("normalize_inputs", False)),
+                  inverse_consistency_weight=float(config.get("inverse_consistency_weight", 0.0)))
 
 
 def parse_stages(text):
