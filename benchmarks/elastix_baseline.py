@@ -1,9 +1,9 @@
 """Iterative B-spline registration with elastix: the baseline DIRNet is compared with.
 
 The registration settings live in committed elastix parameter files,
-``baselines/elastix/bspline_gs8.txt`` and ``bspline_gs4.txt`` (cubic B-spline
-transform with a final control-point spacing of 8 or 4 pixels, 2 resolutions,
-250 iterations per resolution, full sampling, ``AdvancedNormalizedCorrelation``,
+``baselines/elastix/bspline_gs8.txt``, ``bspline_gs4.txt`` and ``bspline_gs2.txt`` (cubic
+B-spline transform with a final control-point spacing of 8, 4 or 2 pixels, 2 resolutions (3 for
+spacing 2), 250 iterations per resolution, full sampling, ``AdvancedNormalizedCorrelation``,
 adaptive stochastic gradient descent, linear interpolation, 0 outside the
 image), and the thread count in ``baselines/elastix/settings.json``.
 
@@ -120,7 +120,7 @@ def parameter_file(grid_spacing, settings_path=SETTINGS_FILE):
     Parameters
     ----------
     grid_spacing : int
-        Final control-point spacing in pixels (a key of ``settings.json``: 8 or 4).
+        Final control-point spacing in pixels (a key of ``settings.json``: 8, 4 or 2).
     settings_path : str
         The settings file that lists the parameter files.
 
@@ -323,7 +323,7 @@ def interleave_digits(digits):
 
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_integer("grid_spacing", 8, "8 or 4 (the committed parameter files).", flag_values=FLAGS)
+flags.DEFINE_integer("grid_spacing", 8, "8, 4 or 2 (the committed parameter files).", flag_values=FLAGS)
 flags.DEFINE_integer("threads", None, "Threads per registration (default: baselines/elastix/settings.json).",
                      flag_values=FLAGS)
 flags.DEFINE_string("parameter_file", None, "Use this elastix parameter file.", flag_values=FLAGS)

@@ -61,7 +61,7 @@ from dirnet_tf import metrics  # noqa: E402
 from dirnet_tf.files import write_json  # noqa: E402
 from dirnet_tf.inference import METADATA_FILE, as_pair_function, load_export, predict, time_per_pair  # noqa: E402
 
-GRID_SPACINGS = (8, 4)
+GRID_SPACINGS = (8, 4, 2)
 
 # The DIRNet models this benchmark compares: name -> (row label, grid spacing of the elastix row it is
 # compared with, flags of ``python -m experiments.mnist`` that train it when no export is given).
@@ -71,8 +71,8 @@ GRID_SPACINGS = (8, 4)
 # gs8 exported with the 2 passes it was trained with (a third, untrained pass gains NCC but doubles
 # folding), gs4 a regressor twice as wide at full and half resolution, 3 passes trained, 4 exported.
 MODELS = {
-    "default": ("DIRNet default (stages 8,4)", 4, ()),
-    "accurate": ("DIRNet accurate (stages 8,4, 3 passes)", 4, ("--preset=accurate",)),
+    "default": ("DIRNet default (stages 8,4,2)", 2, ()),
+    "accurate": ("DIRNet stages 8,4, 3 passes", 4, ("--preset=accurate",)),
     "paper": ("DIRNet paper setting (gs=8)", 8, ("--preset=paper",)),
     "gs8": ("DIRNet gs=8", 8, ("--grid_spacing=8", "--preset=additive", "--inference_passes=2")),
     "gs4": ("DIRNet gs=4", 4, ("--grid_spacing=4", "--preset=additive", "--filters=16,32,32", "--passes=3",
@@ -426,6 +426,8 @@ flags.DEFINE_integer("repeats", 11, "Timed DIRNet runs (median).", flag_values=F
 flags.DEFINE_integer("elastix_threads", None, "Threads per elastix registration (default: "
                      "baselines/elastix/settings.json).", flag_values=FLAGS)
 flags.DEFINE_bool("skip_elastix", False, "DIRNet rows only.", flag_values=FLAGS)
+flags.DEFINE_list("elastix_spacings", [str(gs) for gs in GRID_SPACINGS], "elastix rows: final grid spacings, "
+                  f"some of {', '.join(map(str, GRID_SPACINGS))}.", flag_values=FLAGS)
 flags.DEFINE_bool("elastix_cache", True, "Keep elastix results in --outdir and reuse them for the same "
                   "pairs, parameter file and threads (the interleaved timing always runs).", flag_values=FLAGS)
 flags.DEFINE_integer("timing_rounds", 9, "Alternating DIRNet/elastix timing rounds for the speed-up "
@@ -446,6 +448,14 @@ def main(argv=None):
     unknown = sorted(set(args.dirnet_models) - set(MODELS))
     if unknown:
         _log(f"error: --dirnet_models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+        return 2
+    try:
+        spacings = [int(gs) for gs in args.elastix_spacings]
+    except ValueError:
+        spacings = [None]
+    if not set(spacings) <= set(GRID_SPACINGS):
+        _log(f"error: --elastix_spacings={','.join(args.elastix_spacings)}: choose from "
+             f"{', '.join(map(str, GRID_SPACINGS))}")
         return 2
     models = {name: ensure_model(name, getattr(args, f"model_{name}"), steps=args.train_steps)[0]
               for name in args.dirnet_models}
@@ -479,7 +489,7 @@ def main(argv=None):
         _log(f"  NCC {summary['ncc']:.4f}  Dice {summary['dice']:.4f}  folding "
              f"{100 * summary['folding_fraction']:.3f}%  {timing['ms_per_pair']:.3f} ms/pair")
     if not args.skip_elastix:
-        for gs in GRID_SPACINGS:
+        for gs in spacings:
             _log(f"elastix gs={gs} on {n} pairs")
             out, timing = run_elastix(gs, pairs, args.elastix_threads,
                                       args.outdir if args.elastix_cache else None)

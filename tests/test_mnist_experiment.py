@@ -141,7 +141,8 @@ def _assert_metrics_match_recomputation(metrics, logdir):
 
 def test_train_resume_evaluate_export_reload(tmp_path, hdf5):
     logdir, export_dir = tmp_path / "run", tmp_path / "export"
-    common = _common(hdf5, logdir, export_dir)
+    # End to end: one run directory (stage-wise training, the default, is tested with the presets).
+    common = _common(hdf5, logdir, export_dir) + ["--nostagewise"]
 
     first = _run(common + ["--steps=4", "--noevaluate"])
     assert "step 4/4" in first.stdout and "steps/s" in first.stdout and "ETA" in first.stdout
@@ -158,7 +159,7 @@ def test_train_resume_evaluate_export_reload(tmp_path, hdf5):
 
     # an uninterrupted run reaches the same weights: same step count, same data order
     straight = _run(_common(hdf5, tmp_path / "straight", tmp_path / "export2")
-                    + ["--steps=6", "--noevaluate", "--noexport"])
+                    + ["--nostagewise", "--steps=6", "--noevaluate", "--noexport"])
     del straight
     a, b = _checkpoint_values(logdir), _checkpoint_values(tmp_path / "straight")
     assert a.keys() == b.keys() and len(a) > 4
@@ -198,7 +199,7 @@ def test_train_resume_evaluate_export_reload(tmp_path, hdf5):
 
     # export only, from the checkpoint, into another directory
     only = tmp_path / "export_only"
-    _run(_common(hdf5, logdir, only) + ["--steps=6", "--export_only"])
+    _run(_common(hdf5, logdir, only) + ["--nostagewise", "--steps=6", "--export_only"])
     assert os.path.exists(only / "saved_model.pb")
 
     # reload in a fresh process and compare with an independent (scipy) warp
@@ -254,3 +255,12 @@ def test_presets_set_their_flags_and_the_command_line_wins(tmp_path, hdf5):
     with open(paper / "flags.json") as f:
         flags = json.load(f)
     assert (flags["passes"], flags["bounded"], flags["stages"], flags["steps"]) == (2, False, "", 2)
+    assert (flags["stagewise"], flags["inverse_consistency_weight"]) == (False, 0.0)
+    # The default: stages 8, 4, 2 trained one after another, with the inverse-consistency loss.
+    default = tmp_path / "default"
+    _run(_common(hdf5, default, tmp_path / "e3") + ["--steps=3", "--noevaluate"])
+    assert sorted(p.name for p in default.iterdir() if p.is_dir()) == ["stage1", "stage2", "stage3"]
+    with open(default / "stage3" / "flags.json") as f:
+        flags = json.load(f)
+    assert (flags["stages"], flags["passes"], flags["inverse_consistency_weight"], flags["folding_weight"]) == (
+        "8,4,2", 2, 0.03, 1.0)
