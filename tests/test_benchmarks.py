@@ -103,11 +103,13 @@ def test_quality_scores_and_comparison():
             "elastix gs=8": {"ms_per_pair": 80.0, "ncc": 0.93, "folding_fraction": 0.001},
             "DIRNet gs=4": {"ms_per_pair": 1.0, "ncc": 0.90, "folding_fraction": 0.01},
             br.MODELS["default"][0]: {"ms_per_pair": 2.0, "ncc": 0.96, "folding_fraction": 0.0},
-            "elastix gs=4": {"ms_per_pair": 80.0, "ncc": 0.97, "folding_fraction": 0.001}}
+            "elastix gs=4": {"ms_per_pair": 80.0, "ncc": 0.97, "folding_fraction": 0.001},
+            "elastix gs=2": {"ms_per_pair": 150.0, "ncc": 0.99, "folding_fraction": 0.03}}
     t = br.compare(rows)
     assert set(t) == {"gs8", "gs4", "default"}  # no paper row given
     assert t["gs8"]["speedup"] == pytest.approx(160) and t["gs4"]["speedup"] == pytest.approx(80)
-    assert t["default"]["speedup"] == pytest.approx(40) and t["default"]["elastix"] == "elastix gs=4"
+    # The default's finest stage has spacing 2: it is compared with elastix at spacing 2.
+    assert t["default"]["speedup"] == pytest.approx(75) and t["default"]["elastix"] == "elastix gs=2"
     assert t["gs8"]["ncc_dirnet_minus_elastix"] == pytest.approx(-0.005)
     assert t["gs4"]["ncc_dirnet_minus_elastix"] == pytest.approx(-0.07)
     assert (t["gs4"]["folding_dirnet"], t["gs4"]["folding_elastix"]) == (0.01, 0.001)
