@@ -33,10 +33,10 @@ smallest grid, a multiple of the coarsest B-spline stage's spacing per axis, tha
 centred on the image: 96x96).  Pairs: ``--pairs=sequence --max_frame_gap=8`` (frames at most 8
 apart, both directions); split in time, ``--split_within_groups --split=0.5,0.2,0.3``: frames
 0-14 train, 15-20 validation (model selection), 21-29 test (72 pairs).  Model and optimisation
-defaults (chosen by short runs, see ``experiments/README.md``): the folding-free model of
-``python -m experiments.mnist`` -- ``--stages=8,4`` with ``--passes=2`` composed, bounded,
-symmetric steps each, ``--normalize_inputs``, automatic regressor widths, ``--bending_weight=0.1``
--- 3000 steps of batch 8, Adam 2e-3 with cosine decay, validation and checkpoints every 100 steps
+defaults (chosen by runs compared in ``experiments/README.md``): folding-free composed, bounded,
+symmetric B-spline steps as in ``python -m experiments.mnist``, here four stages of one pass each
+-- ``--stages=8,4,2,2 --passes=1`` (two stages of their own at spacing 2) -- ``--normalize_inputs``,
+automatic regressor widths, ``--bending_weight=0.1``, trained end to end -- 3000 steps of batch 8, Adam 2e-3 with cosine decay, validation and checkpoints every 100 steps
 (the best validation checkpoint is exported).  Every flag of
 ``python -m experiments.train`` applies.
 
@@ -95,8 +95,8 @@ define_flag("integer", "figure_pairs", 6, "Test pairs shown in echo_registration
 
 DEFAULTS = dict(
     train.DEFAULTS, images="", pairs="sequence", max_frame_gap=8, split="0.5,0.2,0.3",
-    split_within_groups=True, shape="auto", spacing="", eval_pairs=100, grid_spacing=8, stages="8,4",
-    bounded=True, symmetric=True, normalize_inputs=True, filters="auto", convs_per_level="auto", passes=2,
+    split_within_groups=True, shape="auto", spacing="", eval_pairs=100, grid_spacing=8, stages="8,4,2,2",
+    bounded=True, symmetric=True, normalize_inputs=True, filters="auto", convs_per_level="auto", passes=1,
     inference_passes=0, bending_weight=0.1, folding_weight=0.0, steps=3000, batch_size=8,
     learning_rate=2e-3, timing_batch_size=32, log_every=100, eval_every=100, checkpoint_every=100,
     logdir=os.path.join("runs", "echo"), export_dir=os.path.join("exports", "echo"))
