@@ -4,15 +4,16 @@ Methods, all on one pair list (the ``eval_pairs.json`` that the MNIST evaluation
 saves: 100 same-digit test pairs per digit, seed 0):
 
 * DIRNet rows (:data:`MODELS`, chosen with ``--dirnet_models``): ``default`` -- the folding-free
-  default of ``experiments.mnist`` (B-spline stages at spacing 8 then 4), compared with elastix
-  at spacing 4; ``accurate`` -- ``--preset=accurate`` (three passes per stage, trained
-  stage-wise, with a folding penalty), also against spacing 4; ``paper`` -- the paper's setting (``--preset=paper``: one pass, no constraint,
+  default of ``experiments.mnist`` (B-spline stages at spacing 8, 4 and 2), compared with elastix
+  at spacing 2; ``accurate`` -- ``--preset=accurate`` (stages 8 and 4 only, three passes each,
+  trained stage-wise, with a folding penalty), against spacing 4; ``paper`` -- the paper's setting (``--preset=paper``: one pass, no constraint,
   no regulariser, spacing 8); ``gs8`` / ``gs4`` -- the additive-pass models of the previous
   default.  Each is a SavedModel exported by ``experiments.mnist`` (given with ``--model_NAME``;
   otherwise trained here with the flags in :data:`MODELS` into ``runs/bench/mnist_NAME`` and
   exported to ``exports/bench/mnist_NAME``, or reused from there when such an export exists);
-* ``elastix gs=8`` / ``elastix gs=4`` -- :mod:`benchmarks.elastix_baseline` with the
-  committed parameter files and thread count in ``baselines/elastix/``.
+* ``elastix gs=8`` / ``gs=4`` / ``gs=2`` -- :mod:`benchmarks.elastix_baseline` with the
+  committed parameter files and thread count in ``baselines/elastix/`` (``--elastix_spacings``
+  selects them).
 
 Every method is scored by the same code (:mod:`dirnet_tf.metrics`, as in the MNIST
 evaluation): NCC after registration, Dice of the digits binarised at 0.5, the
@@ -65,8 +66,8 @@ GRID_SPACINGS = (8, 4, 2)
 
 # The DIRNet models this benchmark compares: name -> (row label, grid spacing of the elastix row it is
 # compared with, flags of ``python -m experiments.mnist`` that train it when no export is given).
-# "default" is the experiment's folding-free default (stages 8 then 4), "accurate" its --preset=accurate
-# (three passes per stage, stage-wise, a folding penalty); "paper" the paper's setting
+# "default" is the experiment's folding-free default (stages 8, 4, 2), "accurate" its --preset=accurate
+# (stages 8 and 4, three passes each, stage-wise, a folding penalty); "paper" the paper's setting
 # (one pass, no constraint, no regulariser); gs8 / gs4 the additive-pass models of the previous default:
 # gs8 exported with the 2 passes it was trained with (a third, untrained pass gains NCC but doubles
 # folding), gs4 a regressor twice as wide at full and half resolution, 3 passes trained, 4 exported.
