@@ -450,14 +450,11 @@ def main(argv=None):
     if unknown:
         _log(f"error: --dirnet_models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
         return 2
-    try:
-        spacings = [int(gs) for gs in args.elastix_spacings]
-    except ValueError:
-        spacings = [None]
-    if not set(spacings) <= set(GRID_SPACINGS):
+    if not set(args.elastix_spacings) <= {str(gs) for gs in GRID_SPACINGS}:
         _log(f"error: --elastix_spacings={','.join(args.elastix_spacings)}: choose from "
              f"{', '.join(map(str, GRID_SPACINGS))}")
         return 2
+    spacings = [int(gs) for gs in args.elastix_spacings]
     models = {name: ensure_model(name, getattr(args, f"model_{name}"), steps=args.train_steps)[0]
               for name in args.dirnet_models}
     pairs_path = args.pairs

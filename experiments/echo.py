@@ -36,8 +36,9 @@ apart, both directions); split in time, ``--split_within_groups --split=0.5,0.2,
 defaults (chosen by runs compared in ``experiments/README.md``): folding-free composed, bounded,
 symmetric B-spline steps as in ``python -m experiments.mnist``, here four stages of one pass each
 -- ``--stages=8,4,2,2 --passes=1`` (two stages of their own at spacing 2) -- ``--normalize_inputs``,
-automatic regressor widths, ``--bending_weight=0.1``, trained end to end -- 3000 steps of batch 8, Adam 2e-3 with cosine decay, validation and checkpoints every 100 steps
-(the best validation checkpoint is exported).  Every flag of
+automatic regressor widths, ``--bending_weight=0.1``, trained end to end -- 3000 steps of batch 8,
+Adam 2e-3 with cosine decay, validation and checkpoints every 100 steps (the best validation
+checkpoint is exported).  Every flag of
 ``python -m experiments.train`` applies.
 
 **Evaluation** (a post-step on the export, on the test pairs of the train command's

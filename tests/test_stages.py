@@ -194,7 +194,7 @@ def test_inverse_consistency_loss_gradient_and_zero_for_inverse_fields():
     and its gradient matches finite differences (2-D)."""
     shift = np.zeros((1, 10, 12, 2), np.float32)
     shift[..., 0], shift[..., 1] = 0.7, -1.3
-    # Interior pixels only move inside the image, where the composition is exact.
+    # A constant field equals its own edge extension, so the composition is exact at every pixel.
     value = losses.inverse_consistency_loss(shift, -shift, reduction="none").numpy()
     assert value.shape == (1,) and value[0] < 0.01
     rng = np.random.default_rng(2)
