@@ -10,7 +10,6 @@
   clear error when it is missing) and its metadata.
 """
 
-import json
 import math
 import os
 import shutil
@@ -22,12 +21,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dirnet_tf.export_metadata import read_metadata, step_metadata, step_output, write_metadata
 from dirnet_tf.resample_op import load_ops
 
-__all__ = ["predict", "as_pair_function", "time_per_pair", "export_saved_model", "load_export",
-           "step_metadata", "step_output", "METADATA_FILE"]
-
-METADATA_FILE = os.path.join("assets", "dirnet.json")
+__all__ = ["predict", "as_pair_function", "time_per_pair", "export_saved_model", "load_export"]
 
 
 def predict(fn, fixed, moving, batch_size=256):
@@ -138,34 +135,6 @@ class _ServingModule(tf.Module):
         self.serve = serve
 
 
-def step_output(n):
-    """Name of the serving signature's output holding the parameters of step ``n`` (0-based)."""
-    return f"step_{int(n)}"
-
-
-def step_metadata(model):
-    """The ``steps`` of an export's metadata: each step's kind, grid spacing and output name.
-
-    Parameters
-    ----------
-    model : keras.Model
-        A DIRNet-like model; its ``step_layout()`` (if any) lists the composed steps.
-
-    Returns
-    -------
-    list of dict or None
-        ``{"kind": "affine" | "spline", "grid_spacing": [s, ...] or None, "output":
-        "step_<n>"}`` in the order of the model's ``step_params`` (the total map is
-        ``phi_1 o ... o phi_n``: the last step is applied to a fixed point first);
-        None for a model without composed steps (the paper's model).
-    """
-    layout = model.step_layout() if callable(getattr(model, "step_layout", None)) else None
-    if not layout:
-        return None
-    return [{"kind": kind, "grid_spacing": None if spacing is None else [int(s) for s in spacing],
-             "output": step_output(n)} for n, (kind, spacing) in enumerate(layout)]
-
-
 def export_saved_model(model, export_dir, image_shape, channels=1, metadata=None):
     """Write ``model`` as a SavedModel atomically (temp dir beside the target, then rename).
 
@@ -179,7 +148,7 @@ def export_saved_model(model, export_dir, image_shape, channels=1, metadata=None
     step's exact parameters, ``step_0``, ``step_1``, ... (the model's ``step_params``:
     ``[None, ndim * (ndim + 1)]`` for an affine step, ``[None, *control_grid, ndim]``
     control points in pixels, ij, for a B-spline step), and the metadata gets their
-    description under ``steps`` (:func:`step_metadata`).
+    description under ``steps`` (:func:`dirnet_tf.export_metadata.step_metadata`).
 
     Parameters
     ----------
@@ -194,7 +163,7 @@ def export_saved_model(model, export_dir, image_shape, channels=1, metadata=None
         Channels per image.
     metadata : dict or None
         Written to ``export_dir/assets/dirnet.json`` (e.g. grid spacing, boundary, flags);
-        for a model of composed steps ``steps`` is set to :func:`step_metadata`.
+        for a model of composed steps ``steps`` is set to :func:`dirnet_tf.export_metadata.step_metadata`.
 
     Returns
     -------
@@ -214,9 +183,7 @@ def export_saved_model(model, export_dir, image_shape, channels=1, metadata=None
         target = os.path.join(tmp, "model")
         tf.saved_model.save(module, target, signatures={"serving_default": module.serve})
         if metadata is not None:
-            os.makedirs(os.path.join(target, "assets"), exist_ok=True)
-            with open(os.path.join(target, METADATA_FILE), "w") as fh:
-                json.dump(metadata, fh, indent=2, sort_keys=True, default=str)
+            write_metadata(target, metadata)
         if os.path.exists(export_dir):
             old = export_dir + f".old-{uuid.uuid4().hex[:8]}"
             os.rename(export_dir, old)
@@ -262,9 +229,4 @@ def load_export(export_dir):
                          "dirnet_tf.inference.export_saved_model")
     signature = loaded.signatures["serving_default"]
     signature._dirnet_keepalive = loaded  # the signature's variables live as long as the module
-    metadata = {}
-    path = os.path.join(export_dir, METADATA_FILE)
-    if os.path.exists(path):
-        with open(path) as fh:
-            metadata = json.load(fh)
-    return signature, metadata
+    return signature, read_metadata(export_dir)
