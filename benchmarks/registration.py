@@ -11,7 +11,7 @@ saves: 100 same-digit test pairs per digit, seed 0):
   default.  Each is a SavedModel exported by ``experiments.mnist`` (given with ``--model_NAME``;
   otherwise trained here with the flags in :data:`MODELS` into ``runs/bench/mnist_NAME`` and
   exported to ``exports/bench/mnist_NAME``, or reused from there when such an export exists);
-* ``elastix gs=8`` / ``gs=4`` / ``gs=2`` -- :mod:`benchmarks.elastix_baseline` with the
+* ``elastix gs=8`` / ``gs=4`` / ``gs=2`` -- :mod:`dirnet_tf.elastix` with the
   committed parameter files and thread count in ``baselines/elastix/`` (``--elastix_spacings``
   selects them).
 
@@ -54,13 +54,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks import cli  # noqa: E402
-from benchmarks.elastix_baseline import (  # noqa: E402
-    ElastixRegistration, import_itk, interleave_digits, load_settings, parameter_file)
+from benchmarks.elastix_baseline import interleave_digits  # noqa: E402
 from benchmarks.training import machine_description  # noqa: E402
 from data import mnist  # noqa: E402
 from dirnet_tf import metrics  # noqa: E402
+from dirnet_tf.elastix import ElastixRegistration, import_itk, load_settings, parameter_file  # noqa: E402
+from dirnet_tf.export_metadata import ExportMetadataError, read_metadata  # noqa: E402
 from dirnet_tf.files import write_json  # noqa: E402
-from dirnet_tf.inference import METADATA_FILE, as_pair_function, load_export, predict, time_per_pair  # noqa: E402
+from dirnet_tf.inference import as_pair_function, load_export, predict, time_per_pair  # noqa: E402
 
 GRID_SPACINGS = (8, 4, 2)
 
@@ -94,11 +95,9 @@ def export_info(export_dir):
         A SavedModel directory written by :func:`dirnet_tf.inference.export_saved_model`.
     """
     try:
-        with open(os.path.join(export_dir, METADATA_FILE)) as f:
-            info = json.load(f)
-    except (OSError, ValueError):
+        return read_metadata(export_dir)
+    except ExportMetadataError:
         return {}
-    return info if isinstance(info, dict) else {}
 
 
 def export_grid_spacing(export_dir):

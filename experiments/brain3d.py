@@ -306,7 +306,7 @@ def elastix_register_3d(fixed, moving, spacing, parameter_file=ELASTIX_PARAMETER
         image) and ``seconds`` ``[N]`` (registration with the image conversions; the field is
         computed afterwards, untimed).
     """
-    from benchmarks.elastix_baseline import ElastixRegistration
+    from dirnet_tf.elastix import ElastixRegistration
 
     reg = ElastixRegistration(parameter_file=parameter_file, threads=threads, ndim=3)
     try:

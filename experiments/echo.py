@@ -426,7 +426,7 @@ def elastix_register(fixed, moving, mask, parameter_file=ELASTIX_PARAMETER_FILE,
         registration with its image conversions; the displacement field is computed afterwards,
         untimed).
     """
-    from benchmarks.elastix_baseline import ElastixRegistration
+    from dirnet_tf.elastix import ElastixRegistration
 
     reg = ElastixRegistration(parameter_file=parameter_file, threads=threads)
     try:

@@ -111,7 +111,7 @@ def test_tiny_end_to_end_run(tmp_path):
 def test_elastix_3d_recovers_a_known_translation(tmp_path):
     """Conventions of the 3-D elastix wrapper: fields in voxels, ij order, backward (fixed grid)."""
     pytest.importorskip("itk")
-    from benchmarks.elastix_baseline import elastix_available
+    from dirnet_tf.elastix import elastix_available
     from dirnet_tf.warping import warp
 
     if not elastix_available():

@@ -122,7 +122,7 @@ def test_tiny_end_to_end_run(tmp_path):
     """A few training steps at 4 mm on the last frames; metrics.json holds the train command's
     numbers and the echo section (sector NCC, folding, cycle consistency, elastix, speed-up)."""
     pytest.importorskip("pydicom")
-    from benchmarks.elastix_baseline import elastix_available
+    from dirnet_tf.elastix import elastix_available
 
     with_elastix = elastix_available()
     logdir, export = tmp_path / "run", tmp_path / "export"
