@@ -180,7 +180,7 @@ def test_synthetic_pairs_in_3d_with_held_out_volumes_and_a_mask(tmp_path):
 
 
 def test_synthetic_mode_parsing_and_one_image_rules(tmp_path):
-    from dirnet_tf import pairs
+    from dirnet_tf import pair_plans as pairs
 
     assert pairs.parse_pairs_spec("synthetic") == ("synthetic", None)
     with pytest.raises(pairs.PairingError, match="takes no argument"):
