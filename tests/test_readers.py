@@ -1,14 +1,14 @@
-"""Readers (``dirnet_tf.readers``) on files the tests write in each real format.
+"""Readers (``dirnet_tf.readers``) on files the tests write in each real format: PNG, NPY, HDF5, NIfTI.
 
 Geometry is checked against references written here from the format
-definitions (DICOM PS3.3 C.7.6.2.1.1 for the patient position of a pixel, the
-affine handed to nibabel for NIfTI), not against the reader's own helpers.
-nibabel and pydicom tests are skipped when those optional packages are absent.
+definitions (the affine handed to nibabel for NIfTI, the NIfTI sform/qform
+rules), not against the reader's own helpers.  nibabel tests are skipped when
+that optional package is absent.  DICOM is tested in ``test_dicom.py``,
+collections (folders, lists, labels) in ``test_image_lists.py``.
 """
 
 import os
 import sys
-import warnings
 
 import h5py
 import numpy as np
@@ -16,7 +16,8 @@ import pytest
 from PIL import Image as PILImage
 
 from dirnet_tf import readers
-from dirnet_tf.readers import GeometryWarning, ImageReadError, InputError, list_images, read_image, read_labels
+from dirnet_tf.image_lists import list_images
+from dirnet_tf.readers import ImageReadError, read_image
 
 LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -44,63 +45,12 @@ def rotation(axis, degrees):
     return r
 
 
-def nifti_affine(spacing, translation):
+def rotated_affine(spacing, translation):
     """A rotated, anisotropic affine: rotation @ diag(spacing), plus translation (mm)."""
     aff = np.eye(4)
     aff[:3, :3] = rotation(2, 30) @ rotation(0, 10) @ np.diag(spacing)
     aff[:3, 3] = translation
     return aff
-
-
-def write_dicom(path, pixels, spacing=(0.7, 0.4), position=(10.0, -20.0, 5.0),
-                orientation=(1, 0, 0, 0, 1, 0), instance=1, series_uid=None, frames=None, extra=None):
-    """A minimal MR DICOM file (explicit VR little endian, uint16 MONOCHROME2).
-
-    ``pixels`` is ``(rows, cols)`` or, with ``frames``, ``(frames, rows, cols)``.
-    """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = MRImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.Modality = "MR"
-    pixels = np.asarray(pixels)
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    if frames is not None:
-        ds.NumberOfFrames = frames
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    if spacing is not None:
-        ds.PixelSpacing = [float(v) for v in spacing]
-    if position is not None:
-        ds.ImagePositionPatient = [float(v) for v in position]
-        ds.ImageOrientationPatient = [float(v) for v in orientation]
-    ds.InstanceNumber = instance
-    for key, value in (extra or {}).items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-    return str(path)
-
-
-def dicom_lps(position, orientation, spacing, row, col):
-    """Patient position (LPS mm) of pixel (row, col), DICOM PS3.3 C.7.6.2.1.1."""
-    x_dir, y_dir = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
-    # Delta_i = column spacing (PixelSpacing[1]), Delta_j = row spacing (PixelSpacing[0]).
-    return np.asarray(position, float) + x_dir * spacing[1] * col + y_dir * spacing[0] * row
-
-
-def lps_to_ras(p):
-    return np.asarray(p, float) * np.array([-1.0, -1.0, 1.0])
 
 
 def world(affine, index):
@@ -190,7 +140,7 @@ def test_nifti_3d_rotated_anisotropic(tmp_path):
     nib = pytest.importorskip("nibabel")
     data = np.random.default_rng(2).random((6, 7, 5)).astype(np.float32)
     spacing = (0.8, 1.3, 2.5)
-    affine = nifti_affine(spacing, (-12.0, 30.5, 7.25))
+    affine = rotated_affine(spacing, (-12.0, 30.5, 7.25))
     path = str(tmp_path / "vol.nii.gz")
     nib.save(nib.Nifti1Image(data, affine), path)
 
@@ -211,7 +161,7 @@ def test_nifti_3d_rotated_anisotropic(tmp_path):
 def test_nifti_2d(tmp_path):
     nib = pytest.importorskip("nibabel")
     data = np.arange(20, dtype=np.float32).reshape(4, 5)
-    affine = nifti_affine((0.6, 1.7, 1.0), (1.0, 2.0, 3.0))
+    affine = rotated_affine((0.6, 1.7, 1.0), (1.0, 2.0, 3.0))
     path = str(tmp_path / "slice.nii")
     nib.save(nib.Nifti1Image(data, affine), path)
     (img,) = read_image(path)
@@ -221,133 +171,59 @@ def test_nifti_2d(tmp_path):
     np.testing.assert_allclose(img.affine, affine, atol=1e-4)
 
 
-# --------------------------------------------------------------------------- #
-# DICOM
-# --------------------------------------------------------------------------- #
+def write_nifti_forms(path, data, sform, sform_code, qform, qform_code):
+    """A NIfTI-1 file whose sform and qform (and their codes) are set apart; checks the file holds them."""
+    nib = pytest.importorskip("nibabel")
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(np.float32)
+    header.set_qform(qform, code=qform_code)  # also sets the voxel sizes (pixdim) to the qform's
+    header.set_sform(sform, code=sform_code)
+    nib.save(nib.Nifti1Image(data, None, header), str(path))
+    saved = nib.load(str(path)).header
+    assert (int(saved["sform_code"]), int(saved["qform_code"])) == (sform_code, qform_code)
+    np.testing.assert_allclose(saved.get_sform(), sform, atol=1e-5)
+    np.testing.assert_allclose(saved.get_qform(), qform, atol=1e-4)
+    return str(path)
 
-OBLIQUE = (np.cos(0.3), np.sin(0.3), 0.0, 0.0, 0.0, -1.0)  # rows run obliquely in x-y, columns head->feet
+
+# The qform: a rotation, voxel sizes and an offset.  The sform: another
+# rotation with a shear (x grows along j), which no qform can hold.
+QFORM = rotated_affine((0.9, 1.1, 2.0), (4.0, -6.0, 10.0))
+SHEAR = np.array([[1.0, 0.3, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+SFORM = SHEAR @ rotated_affine((0.8, 1.2, 2.5), (-3.0, 7.0, 1.5))
 
 
-def test_dicom_single_frame_geometry(tmp_path):
-    pytest.importorskip("pydicom")
-    pixels = np.arange(6 * 8).reshape(6, 8) * 3
-    position, spacing = (12.5, -40.0, 101.0), (0.7, 0.4)
-    path = write_dicom(tmp_path / "one.dcm", pixels, spacing, position, OBLIQUE,
-                       extra={"RescaleSlope": 2, "RescaleIntercept": -10})
+def test_nifti_sform_wins_when_its_code_is_set(tmp_path):
+    data = np.random.default_rng(5).random((4, 5, 6)).astype(np.float32)
+    path = write_nifti_forms(tmp_path / "both.nii", data, SFORM, 2, QFORM, 1)
     (img,) = read_image(path)
-    assert img.shape == (6, 8) and img.spacing == spacing and img.spacing_from == "dicom"
-    np.testing.assert_array_equal(img.array, pixels * 2 - 10)
-    for row, col in [(0, 0), (3, 5), (5, 7)]:
-        expected = lps_to_ras(dicom_lps(position, OBLIQUE, spacing, row, col))
-        np.testing.assert_allclose(world(img.affine, (row, col)), expected, atol=1e-6)
+    np.testing.assert_allclose(img.affine, SFORM, atol=1e-5)
+    # Spacing: the length of each sheared column of the sform, by hand.
+    np.testing.assert_allclose(img.spacing, np.sqrt((SFORM[:3, :3] ** 2).sum(axis=0)), rtol=1e-5)
+    np.testing.assert_allclose(world(img.affine, (1, 2, 3)), (SFORM @ [1, 2, 3, 1])[:3], atol=1e-4)
+    slices = read_image(path, ndim=2)  # the slices carry the sform too
+    np.testing.assert_allclose(world(slices[4].affine, (2, 1)), (SFORM @ [2, 1, 4, 1])[:3], atol=1e-4)
 
 
-def test_dicom_multi_frame_is_one_group(tmp_path):
-    pytest.importorskip("pydicom")
-    frames = np.stack([np.full((5, 6), 10 * f) + np.arange(6) for f in range(4)])
-    path = write_dicom(tmp_path / "cine.dcm", frames, frames=4)
-    images = read_image(path)
-    assert len(images) == 4
-    assert {im.group for im in images} == {path}
-    assert images[2].source == f"{path}[frame 2]"
-    for f, im in enumerate(images):
-        np.testing.assert_array_equal(im.array, frames[f])
-        assert im.spacing == (0.7, 0.4)
-    with pytest.raises(ImageReadError, match="series"):
-        read_image(path, ndim=3)
+def test_nifti_qform_when_the_sform_code_is_zero(tmp_path):
+    data = np.random.default_rng(6).random((4, 5, 6)).astype(np.float32)
+    path = write_nifti_forms(tmp_path / "qform.nii", data, SFORM, 0, QFORM, 1)
+    (img,) = read_image(path)
+    np.testing.assert_allclose(img.affine, QFORM, atol=1e-4)
+    np.testing.assert_allclose(img.spacing, (0.9, 1.1, 2.0), rtol=1e-5)
 
 
-def test_dicom_enhanced_multi_frame_per_frame_geometry(tmp_path):
-    pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset
-
-    def item(**kwargs):
-        ds = Dataset()
-        for key, value in kwargs.items():
-            setattr(ds, key, value)
-        return ds
-
-    positions = [(0.0, 0.0, 4.0 * f) for f in range(3)]
-    shared = item(PixelMeasuresSequence=[item(PixelSpacing=[0.5, 0.8])],
-                  PlaneOrientationSequence=[item(ImageOrientationPatient=list(OBLIQUE))])
-    per_frame = [item(PlanePositionSequence=[item(ImagePositionPatient=list(p))]) for p in positions]
-    path = write_dicom(tmp_path / "enhanced.dcm", np.zeros((3, 4, 5)), spacing=None, position=None, frames=3,
-                       extra={"SharedFunctionalGroupsSequence": [shared],
-                              "PerFrameFunctionalGroupsSequence": per_frame})
-    images = read_image(path)
-    assert len(images) == 3 and images[0].spacing == (0.5, 0.8)
-    for f, im in enumerate(images):
-        expected = lps_to_ras(dicom_lps(positions[f], OBLIQUE, (0.5, 0.8), 2, 3))
-        np.testing.assert_allclose(world(im.affine, (2, 3)), expected, atol=1e-6)
-
-
-def test_dicom_series_sorted_by_position(tmp_path):
-    pytest.importorskip("pydicom")
-    from pydicom.uid import generate_uid
-
-    folder = tmp_path / "series"
-    folder.mkdir()
-    orientation = OBLIQUE
-    normal = np.cross(orientation[:3], orientation[3:])
-    origin, step, spacing = np.array([5.0, -3.0, 40.0]), 2.5, (0.9, 0.6)
-    uid = generate_uid()
-    # file names and InstanceNumbers deliberately disagree with the position order
-    order = [3, 0, 4, 1, 2]
-    for n, k in enumerate(order):
-        pixels = np.full((4, 5), 100 * k) + np.arange(5)
-        write_dicom(folder / f"IM{n:02d}.dcm", pixels, spacing, origin + k * step * normal, orientation,
-                    instance=10 - n, series_uid=uid)
-    (vol,) = read_image(folder)
-    assert vol.shape == (4, 5, 5) and vol.spacing_from == "dicom"
-    np.testing.assert_allclose(vol.spacing, (0.9, 0.6, 2.5), rtol=1e-6)
-    for k in range(5):
-        np.testing.assert_array_equal(vol.array[..., k], np.full((4, 5), 100 * k) + np.arange(5))
-    for index in [(0, 0, 0), (3, 4, 2), (1, 2, 4)]:
-        lps = dicom_lps(origin + index[2] * step * normal, orientation, spacing, index[0], index[1])
-        np.testing.assert_allclose(world(vol.affine, index), lps_to_ras(lps), atol=1e-6)
-
-    entries, skipped = list_images(folder)  # a folder made of one series is one volume
-    assert len(entries) == 1 and skipped == [] and entries[0].image.shape == (4, 5, 5)
-    entries, _ = list_images(folder, ndim=2)  # ... or its slices one by one
-    assert len(entries) == 5 and entries[0].image.shape == (4, 5)
-
-
-def test_ultrasound_region_inside_image(tmp_path):
-    pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset
-
-    region = Dataset()
-    region.RegionSpatialFormat, region.RegionDataType = 1, 1
-    region.RegionLocationMinX0, region.RegionLocationMinY0 = 2, 1
-    region.RegionLocationMaxX1, region.RegionLocationMaxY1 = 9, 6
-    region.PhysicalUnitsXDirection, region.PhysicalUnitsYDirection = 3, 3
-    region.PhysicalDeltaX, region.PhysicalDeltaY = 0.02, 0.03
-    path = write_dicom(tmp_path / "us.dcm", np.zeros((8, 10)), spacing=None, position=None,
-                       extra={"SequenceOfUltrasoundRegions": [region]})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", GeometryWarning)
-        (img,) = read_image(path)
-    assert img.spacing_from == "ultrasound-region" and img.affine is None and img.notes == []
-    np.testing.assert_allclose(img.spacing, (0.3, 0.2))  # (row, col) mm from cm deltas (Y, X)
-
-
-def test_pydicom_echo_file():
-    pytest.importorskip("pydicom")
-    from pydicom.data import get_testdata_file
-
-    path = get_testdata_file("examples_ybr_color.dcm")
-    if path is None:
-        pytest.skip("pydicom test file examples_ybr_color.dcm not shipped")
-    with pytest.warns(GeometryWarning, match=r"outside the 320x240 image.*2x down-sample"):
-        images = read_image(path)
-    assert len(images) == 30
-    assert all(im.shape == (240, 320) and im.array.dtype == np.float32 for im in images)
-    assert len({im.group for im in images}) == 1 and images[0].group is not None
-    assert images[0].spacing_from == "ultrasound-region"
-    np.testing.assert_allclose(images[0].spacing, (1.021, 1.021), atol=2e-3)
-    assert images[0].notes and "down-sample" in images[0].notes[0]
-    assert 5.0 < images[10].array.mean() < 250.0  # decoded, grey, not blank
-
+def test_nifti_without_codes_uses_the_voxel_sizes(tmp_path):
+    data = np.zeros((4, 5, 6), np.float32)
+    path = write_nifti_forms(tmp_path / "none.nii", data, SFORM, 0, QFORM, 0)
+    (img,) = read_image(path)
+    # The NIfTI fallback (method 1 of nifti1.h, as nibabel's base affine): voxel sizes only, x flipped
+    # (radiological), centred on the grid.
+    expected = np.diag([-0.9, 1.1, 2.0, 1.0])
+    expected[:3, 3] = -expected[:3, :3] @ ((np.array(data.shape) - 1) / 2.0)
+    np.testing.assert_allclose(img.affine, expected, atol=1e-5)
+    np.testing.assert_allclose(img.spacing, (0.9, 1.1, 2.0), rtol=1e-5)
 
 # --------------------------------------------------------------------------- #
 # Bad input
@@ -376,98 +252,6 @@ def test_corrupt_nifti(tmp_path):
         read_image(path)
 
 
-def test_text_file_named_dcm(tmp_path):
-    pytest.importorskip("pydicom")
-    path = tmp_path / "notes.dcm"
-    path.write_text("this is not DICOM\n" * 20)
-    with pytest.raises(ImageReadError, match="notes.dcm"):
-        read_image(path)
-
-
-def test_partial_folder_reads_valid_and_reports_skipped(tmp_path):
-    write_png(tmp_path / "a.png", np.full((6, 6), 7, np.uint8))
-    write_npy(tmp_path / "b.npy", np.ones((6, 6)))
-    (tmp_path / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    (tmp_path / "readme.md").write_text("not an image")
-    entries, skipped = list_images(tmp_path)
-    assert [os.path.basename(e.image.source) for e in entries] == ["a.png", "b.npy"]
-    reasons = dict((os.path.basename(p), r) for p, r in skipped)
-    assert set(reasons) == {"c.png", "readme.md"}
-    assert "c.png" in reasons["c.png"] and "corrupt" in reasons["c.png"]
-    # every file broken -> an error that lists them
-    (tmp_path / "only").mkdir()
-    (tmp_path / "only" / "x.png").write_bytes(b"nope")
-    with pytest.raises(InputError, match="no readable image.*x.png"):
-        list_images(tmp_path / "only")
-
-
-def test_mixed_2d_3d_is_an_error(tmp_path):
-    write_npy(tmp_path / "flat.npy", np.zeros((5, 5)))
-    write_npy(tmp_path / "vol.npy", np.zeros((5, 5, 5)))
-    with pytest.raises(InputError, match=r"mixed.*flat.npy.*vol.npy"):
-        list_images(tmp_path)
-    entries, _ = list_images(tmp_path, ndim=2)  # the volume read as 5 slices is fine
-    assert len(entries) == 6
-
-
-def test_labels_by_stem_and_shape_mismatch(tmp_path):
-    images, labels = tmp_path / "images", tmp_path / "labels"
-    images.mkdir()
-    labels.mkdir()
-    write_npy(images / "case1.npy", np.random.default_rng(3).random((8, 8)))
-    write_npy(images / "case2.npy", np.random.default_rng(4).random((8, 8)))
-    lab = np.zeros((8, 8), np.uint8)
-    lab[2:5, 3:6] = 2
-    write_png(labels / "case1.png", lab)
-    with pytest.warns(UserWarning, match="1 image.*no label map"):
-        entries, _ = list_images(images, labels=labels)
-    assert entries[0].label is not None and entries[1].label is None
-    np.testing.assert_array_equal(entries[0].label.array, lab)
-    assert entries[0].label.array.dtype == np.int32
-
-    write_npy(labels / "case2.npy", np.zeros((8, 9), np.int32))
-    with pytest.raises(InputError, match=r"case2.npy.*\(8, 9\).*case2.npy.*\(8, 8\)") as info:
-        list_images(images, labels=labels)
-    assert str(labels / "case2.npy") in str(info.value) and str(images / "case2.npy") in str(info.value)
-
-    write_npy(tmp_path / "fractional.npy", np.full((3, 3), 0.5))
-    with pytest.raises(ImageReadError, match="not an integer label map"):
-        read_labels(tmp_path / "fractional.npy")
-
-
-def test_csv_and_txt_lists_relative_to_the_list(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    write_npy(data / "x.npy", np.zeros((4, 4)))
-    write_npy(data / "y.npy", np.ones((4, 4)))
-    write_npy(data / "y_lab.npy", np.eye(4, dtype=np.int32))
-    lists = tmp_path / "lists"
-    lists.mkdir()
-    (lists / "pairs.csv").write_text("image,label,group\n../data/y.npy,../data/y_lab.npy,p1\n../data/x.npy,,p1\n")
-    entries, skipped = list_images(lists / "pairs.csv")
-    assert skipped == [] and [os.path.basename(e.image.source) for e in entries] == ["y.npy", "x.npy"]
-    assert entries[0].image.group == "p1" and entries[1].image.group == "p1"
-    np.testing.assert_array_equal(entries[0].label.array, np.eye(4))
-    assert entries[1].label is None
-
-    (lists / "some.txt").write_text("# two images\n../data/x.npy\n\n../data/missing.npy\n")
-    entries, skipped = list_images(lists / "some.txt")
-    assert len(entries) == 1 and len(skipped) == 1 and "missing.npy" in skipped[0][0]
-
-    (lists / "bad.csv").write_text("path\n../data/x.npy\n")
-    with pytest.raises(InputError, match="bad.csv.*`image` column"):
-        list_images(lists / "bad.csv")
-
-
-def test_glob_sorted(tmp_path):
-    for name in ["b2.npy", "a1.npy", "c3.npy"]:
-        write_npy(tmp_path / name, np.zeros((3, 3)))
-    entries, _ = list_images(str(tmp_path / "*.npy"))
-    assert [os.path.basename(e.image.source) for e in entries] == ["a1.npy", "b2.npy", "c3.npy"]
-    with pytest.raises(InputError, match="matches no files"):
-        list_images(str(tmp_path / "*.png"))
-
-
 @pytest.mark.parametrize("module, suffix", [("nibabel", "x.nii"), ("pydicom", "x.dcm")])
 def test_missing_optional_dependency_message(tmp_path, monkeypatch, module, suffix):
     path = tmp_path / suffix
@@ -475,3 +259,59 @@ def test_missing_optional_dependency_message(tmp_path, monkeypatch, module, suff
     monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(ImportError, match=r"pip install -e \.\[medical\]"):
         readers.read_image(path)
+
+
+# --------------------------------------------------------------------------- #
+# Public helpers: HDF5 specs, Pillow decoding, grey conversion
+# --------------------------------------------------------------------------- #
+
+
+def test_split_hdf5_spec():
+    assert readers.split_hdf5_spec("a/b.H5:/group/images") == ("a/b.H5", "/group/images")
+    assert readers.split_hdf5_spec("data.hdf5:/x") == ("data.hdf5", "/x")
+    assert readers.split_hdf5_spec("data.h5") is None
+    assert readers.split_hdf5_spec("image.png") is None
+    assert readers.split_hdf5_spec("C:/data/a.nii") is None
+
+
+def test_decode_pil_keeps_values_and_types(tmp_path):
+    grey16 = (np.arange(12).reshape(3, 4) * 5000).astype(np.uint16)
+    path16 = tmp_path / "g16.png"
+    PILImage.fromarray(grey16).save(path16)
+    (a,) = readers.decode_pil(path16)
+    assert a.shape == (3, 4) and a.dtype.kind in "ui"
+    np.testing.assert_array_equal(a, grey16)
+
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 2], rgba[..., 3] = 200, 100, 50, 7
+    path = tmp_path / "rgba.png"
+    PILImage.fromarray(rgba).save(path)
+    (a,) = readers.decode_pil(path)
+    assert a.shape == (2, 2, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, rgba[..., :3])
+
+    grey = write_png(tmp_path / "g.png", np.full((2, 3), 9, np.uint8))
+    (a,) = readers.decode_pil(grey, rgb=True)  # every frame as RGB
+    assert a.shape == (2, 3, 3) and (a == 9).all()
+
+    indices = np.array([[0, 1], [2, 1]], np.uint8)
+    pal = PILImage.fromarray(indices, mode="P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * (256 * 3 - 9))
+    pal.save(tmp_path / "p.png")
+    (a,) = readers.decode_pil(tmp_path / "p.png", palette=True)
+    np.testing.assert_array_equal(a, indices)
+    (a,) = readers.decode_pil(tmp_path / "p.png")  # colours
+    np.testing.assert_array_equal(a[1, 0], (0, 0, 255))
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(ImageReadError, match=r"broken.png: unreadable or corrupt image file") as info:
+        readers.decode_pil(broken)
+    assert str(info.value).startswith(f"{broken}: ")
+
+
+def test_rgb_to_grey_by_hand():
+    rgba = np.array([[[255, 0, 0, 9], [0, 255, 0, 0]], [[0, 0, 255, 255], [10, 200, 40, 1]]], np.uint8)
+    grey = readers.rgb_to_grey(rgba)  # alpha ignored
+    assert grey.shape == (2, 2) and grey.dtype == np.float64
+    np.testing.assert_allclose(grey, [[0.299 * 255, 0.587 * 255], [0.114 * 255, 2.99 + 117.4 + 4.56]])
