@@ -53,7 +53,7 @@ from absl import flags  # noqa: E402
 
 import dirnet_tf  # noqa: E402
 from benchmarks import cli  # noqa: E402
-from dirnet_tf.resample_pure_tf import resample_pure_tf as resample_tf  # noqa: E402
+from dirnet_tf.resample_pure_tf import resample_pure_tf  # noqa: E402
 
 CASES = {
     "2d-28": dict(batch=32, spatial=(28, 28), label="2-D B=32 28x28"),
@@ -226,9 +226,9 @@ def build_methods(case, skip, loop):
         "op-loop": lambda: looped_callables(dirnet_tf.resample, False, image, coords, weights,
                                             loop),
         "op-eager": lambda: eager_callables(dirnet_tf.resample, image, coords, weights),
-        "tf-gather": lambda: tf_callables(resample_tf, False, image, coords, weights),
-        "tf-gather-xla": lambda: tf_callables(resample_tf, True, image, coords, weights),
-        "tf-gather-xla-loop": lambda: looped_callables(resample_tf, True, image, coords, weights,
+        "tf-gather": lambda: tf_callables(resample_pure_tf, False, image, coords, weights),
+        "tf-gather-xla": lambda: tf_callables(resample_pure_tf, True, image, coords, weights),
+        "tf-gather-xla-loop": lambda: looped_callables(resample_pure_tf, True, image, coords, weights,
                                                        loop),
         "keras-mapcoord": lambda: tf_callables(keras_map_coordinates, False, image, coords,
                                                weights),

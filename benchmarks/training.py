@@ -5,7 +5,7 @@ experiment's model and objective) is trained with
 
 * ``op``          -- :func:`dirnet_tf.resample`, the compiled ``Dirnet>Resample`` op,
   in a ``tf.function`` train step (what ``experiments.mnist`` does);
-* ``pure_tf``     -- :func:`dirnet_tf.resample_tf.resample_tf` (gather-based
+* ``pure_tf``     -- :func:`dirnet_tf.resample_pure_tf.resample_pure_tf` (gather-based
   multilinear resampler built from stock ops) in the same ``tf.function`` step;
 * ``pure_tf_xla`` -- the pure-TF resampler with the whole train step compiled by XLA
   (``jit_compile=True``), the strongest pure-TF alternative.
@@ -37,7 +37,7 @@ import dirnet_tf
 from benchmarks import cli
 from dirnet_tf.files import write_json
 from dirnet_tf.layers import Resampler
-from dirnet_tf.resample_pure_tf import resample_pure_tf as resample_tf
+from dirnet_tf.resample_pure_tf import resample_pure_tf
 from dirnet_tf.warping import identity_grid
 
 VARIANTS = ("op", "pure_tf", "pure_tf_xla")
@@ -45,7 +45,7 @@ VARIANTS = ("op", "pure_tf", "pure_tf_xla")
 
 @keras.saving.register_keras_serializable(package="dirnet_tf_bench")
 class PureTFResampler(Resampler):
-    """:class:`dirnet_tf.layers.Resampler` computed with the stock-op ``resample_tf``.
+    """:class:`dirnet_tf.layers.Resampler` computed with the stock-op ``resample_pure_tf``.
 
     Parameters
     ----------
@@ -62,7 +62,7 @@ class PureTFResampler(Resampler):
     def call(self, moving, displacement):
         spatial = moving.shape[1:-1]
         coords = identity_grid(spatial, dtype=moving.dtype) + tf.cast(displacement, moving.dtype)
-        return resample_tf(moving, coords, boundary=self.boundary)
+        return resample_pure_tf(moving, coords, boundary=self.boundary)
 
 
 def parse_case(text):

@@ -14,9 +14,10 @@ import threading
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
+from dirnet_tf.resample_pure_tf import BOUNDARY_MODES, resample_pure_tf
 
-# Boundary modes of the op (its ``boundary`` attribute).
-BOUNDARY_MODES = ("zeros", "border")
+__all__ = ["BOUNDARY_MODES", "load_ops", "resample"]
+
 _LIBRARY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_resample_ops.so")
 _BUILD_HINT = (
     "Build it from the repository root with `make build-ops` (it needs the "
@@ -160,9 +161,6 @@ def resample(image, coords, boundary="zeros"):
     coords = tf.convert_to_tensor(coords)
     _check_arguments(image, coords, boundary)
     if _in_xla_context():
-        # Imported here: resample_pure_tf imports BOUNDARY_MODES from this module.
-        from dirnet_tf.resample_pure_tf import resample_pure_tf
-
         return resample_pure_tf(image, coords, boundary)
     return load_ops().dirnet_resample(image, coords, boundary=boundary)
 

@@ -18,9 +18,11 @@ import itertools
 
 import tensorflow as tf
 
-from dirnet_tf.resample_op import BOUNDARY_MODES
+__all__ = ["BOUNDARY_MODES", "resample_pure_tf"]
 
-__all__ = ["resample_pure_tf"]
+#: Boundary modes of the resampler (the compiled op's ``boundary`` attribute and this twin):
+#: ``"zeros"`` (corners outside the image count as 0) or ``"border"`` (coordinates clamped).
+BOUNDARY_MODES = ("zeros", "border")
 
 
 def resample_pure_tf(image, coords, boundary="zeros"):

@@ -24,7 +24,7 @@ import tensorflow as tf
 from scipy import ndimage
 
 import dirnet_tf
-from dirnet_tf.resample_pure_tf import resample_pure_tf as resample_tf
+from dirnet_tf.resample_pure_tf import resample_pure_tf
 from dirnet_tf import load_ops
 
 SCIPY_MODE = {"zeros": "grid-constant", "border": "nearest"}
@@ -146,7 +146,7 @@ def test_large_single_item_uses_several_shards_correctly():
         for boundary in ("zeros", "border"):
             out, gi, gc = grads(image, coords, boundary, weights=g)
             np.testing.assert_allclose(out.numpy(), ref_forward(image, coords, boundary), atol=1e-12)
-            _, gi_tf, gc_tf = grads(image, coords, boundary, fn=resample_tf, weights=g)
+            _, gi_tf, gc_tf = grads(image, coords, boundary, fn=resample_pure_tf, weights=g)
             np.testing.assert_allclose(gi.numpy(), gi_tf.numpy(), atol=1e-10)
             np.testing.assert_allclose(gc.numpy(), gc_tf.numpy(), atol=1e-10)
 
