@@ -19,145 +19,30 @@ Conventions (shared by the whole package):
 
 The field is evaluated separably: for every axis a small dense weight matrix
 ``W_d[x, k] = beta3(x / s_d - k + 1)`` (``N_d x K_d``, mostly zeros) is built
-once with numpy, and the control points are contracted with one matrix per
+once with numpy (:func:`dirnet_tf.spline_np.axis_basis`; the basis, the grid
+rule :func:`~dirnet_tf.spline_np.control_grid_shape` and the spacing rule
+:func:`~dirnet_tf.spline_np.normalize_spacing` live in :mod:`dirnet_tf.spline_np`,
+the one numpy spline), and the control points are contracted with one matrix per
 axis (``tensordot``).  This is exact for every image size and spacing,
 differentiable, and costs ``O(N K)`` per axis instead of a per-pixel loop.
 Derivatives of the field (used by the bending-energy regulariser) use the same
 machinery with the derivatives of ``beta3``.
 """
 
-import math
-
 import numpy as np
 import tensorflow as tf
 
+from dirnet_tf.spline_np import axis_basis, control_grid_shape, normalize_image_shape, normalize_spacing
+
 __all__ = [
-    "control_grid_shape",
     "bspline_displacement",
     "bspline_derivative",
-    "cubic_bspline",
-    "normalize_spacing",
     "INJECTIVITY_BOUND",
     "injectivity_bound",
     "bounded_control_points",
     "bspline_jacobian_determinant",
     "map_determinant",
 ]
-
-
-def normalize_spacing(grid_spacing, ndim):
-    """Return ``grid_spacing`` as a tuple of ``ndim`` positive Python ints.
-
-    Parameters
-    ----------
-    grid_spacing : int or sequence of ints
-        One spacing for all axes, or one per axis (pixels).
-    ndim : int
-        Number of spatial axes.
-
-    Raises
-    ------
-    ValueError
-        If the spacing is not a positive integer or has the wrong length.
-    """
-    if isinstance(grid_spacing, (int, np.integer)) and not isinstance(grid_spacing, bool):
-        spacing = (int(grid_spacing),) * ndim
-    else:
-        try:
-            spacing = tuple(grid_spacing)
-        except TypeError:
-            raise ValueError(
-                f"grid_spacing must be a positive int or a tuple of {ndim} positive ints, "
-                f"got {grid_spacing!r}"
-            ) from None
-        if len(spacing) != ndim:
-            raise ValueError(
-                f"grid_spacing {grid_spacing!r} has {len(spacing)} entries but the image has "
-                f"{ndim} spatial axes"
-            )
-    out = []
-    for s in spacing:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or int(s) < 1:
-            if isinstance(s, float) and s.is_integer() and s >= 1:
-                out.append(int(s))
-                continue
-            raise ValueError(
-                f"grid_spacing must contain positive integers (pixels), got {grid_spacing!r}"
-            )
-        out.append(int(s))
-    return tuple(out)
-
-
-def _normalize_shape(image_shape):
-    try:
-        shape = tuple(int(n) for n in image_shape)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"image_shape must be a sequence of 2 or 3 positive ints, got {image_shape!r}"
-        ) from None
-    if len(shape) not in (2, 3) or any(n < 1 for n in shape):
-        raise ValueError(
-            f"image_shape must be a sequence of 2 or 3 positive ints (spatial axes only), "
-            f"got {image_shape!r}"
-        )
-    return shape
-
-
-def control_grid_shape(image_shape, grid_spacing):
-    """Number of control points per axis for an image and a grid spacing.
-
-    Parameters
-    ----------
-    image_shape : sequence of int
-        Spatial size of the image, ``(H, W)`` or ``(D, H, W)``.
-    grid_spacing : int or sequence of int
-        Control-point spacing in pixels, one for all axes or one per axis.
-
-    Returns
-    -------
-    tuple of int
-        ``K_d = ceil((N_d - 1) / s_d) + 3`` for every axis.
-    """
-    shape = _normalize_shape(image_shape)
-    spacing = normalize_spacing(grid_spacing, len(shape))
-    return tuple(int(math.ceil((n - 1) / s)) + 3 for n, s in zip(shape, spacing))
-
-
-def cubic_bspline(t, derivative=0):
-    """Uniform cubic B-spline ``beta3`` (or its 1st/2nd derivative), numpy.
-
-    Parameters
-    ----------
-    t : array_like
-        Evaluation points.
-    derivative : int
-        0, 1 or 2.
-
-    Returns
-    -------
-    numpy.ndarray (float64) of the same shape as ``t``.
-    """
-    t = np.asarray(t, dtype=np.float64)
-    a = np.abs(t)
-    sign = np.sign(t)
-    inner = a < 1
-    outer = (a >= 1) & (a < 2)
-    if derivative == 0:
-        return np.where(inner, 2.0 / 3.0 - a**2 + 0.5 * a**3,
-                        np.where(outer, (2.0 - a) ** 3 / 6.0, 0.0))
-    if derivative == 1:
-        return sign * np.where(inner, -2.0 * a + 1.5 * a**2,
-                               np.where(outer, -0.5 * (2.0 - a) ** 2, 0.0))
-    if derivative == 2:
-        return np.where(inner, -2.0 + 3.0 * a, np.where(outer, 2.0 - a, 0.0))
-    raise ValueError(f"derivative must be 0, 1 or 2, got {derivative!r}")
-
-
-def _axis_weights(size, spacing, num_points, derivative=0):
-    """``W[x, k] = d^m/dx^m beta3(x / s - k + 1)`` as float64 ``[size, num_points]``."""
-    x = np.arange(size, dtype=np.float64)[:, None]
-    k = np.arange(num_points, dtype=np.float64)[None, :]
-    return cubic_bspline(x / spacing - k + 1.0, derivative) / float(spacing) ** derivative
 
 
 def _apply_separable(control_points, weights):
@@ -199,7 +84,7 @@ def bspline_displacement(control_points, image_shape, grid_spacing):
     ValueError
         If the control grid does not match ``control_grid_shape``.
     """
-    shape = _normalize_shape(image_shape)
+    shape = normalize_image_shape(image_shape)
     control_points = tf.convert_to_tensor(control_points)
     last = control_points.shape[-1] if control_points.shape.rank else None
     if last is not None and last != len(shape):
@@ -230,7 +115,7 @@ def bspline_derivative(control_points, image_shape, grid_spacing, orders=None):
     -------
     Tensor ``[B, *image_shape, C]``.
     """
-    shape = _normalize_shape(image_shape)
+    shape = normalize_image_shape(image_shape)
     ndim = len(shape)
     spacing = normalize_spacing(grid_spacing, ndim)
     grid = control_grid_shape(shape, spacing)
@@ -256,7 +141,7 @@ def bspline_derivative(control_points, image_shape, grid_spacing, orders=None):
             f"(control_grid_shape({shape}, {spacing})), got {control_points.shape}"
         )
     weights = [
-        _axis_weights(n, s, k, o) for n, s, k, o in zip(shape, spacing, grid, orders)
+        axis_basis(np.arange(n), s, k, o) for n, s, k, o in zip(shape, spacing, grid, orders)
     ]
     return _apply_separable(control_points, weights)
 
@@ -407,7 +292,7 @@ def bspline_jacobian_determinant(control_points, image_shape, grid_spacing):
     Tensor ``[B, *image_shape]`` (dimensionless; local volume change).
     Values ``<= 0`` mark folding; 1 means no volume change.
     """
-    shape = _normalize_shape(image_shape)
+    shape = normalize_image_shape(image_shape)
     ndim = len(shape)
     control_points = tf.convert_to_tensor(control_points)
     last = control_points.shape[-1] if control_points.shape.rank else None

@@ -42,7 +42,7 @@ import dataclasses
 import json
 import os
 
-from dirnet_tf.bspline import normalize_spacing
+from dirnet_tf.spline_np import normalize_spacing
 from dirnet_tf.preprocessing import ModelGrid
 
 __all__ = ["METADATA_FILE", "ExportMetadataError", "ExportInfo", "step_output", "step_metadata",

@@ -15,7 +15,7 @@ import json
 import os
 import uuid
 
-__all__ = ["atomic_write", "temporary_name", "split_extension", "write_json", "package_file",
+__all__ = ["atomic_write", "temporary_name", "split_extension", "file_extension", "write_json", "package_file",
            "package_version", "portable_path"]
 
 # Extensions of two parts that name one format (``os.path.splitext`` would split them).
@@ -31,6 +31,18 @@ def split_extension(path):
             return base[: -len(ext)], base[-len(ext):]
     stem, ext = os.path.splitext(base)
     return stem, ext
+
+
+def file_extension(path, allowed, what):
+    """The (lower-case) extension of ``path`` among ``allowed`` (longest first), else ValueError.
+
+    ``what`` names the file in the message, e.g. ``"an ITK transform file"``.
+    """
+    name = os.fspath(path).lower()
+    for ext in sorted(allowed, key=len, reverse=True):
+        if name.endswith(ext):
+            return ext
+    raise ValueError(f"{os.fspath(path)}: {what} must end with one of {', '.join(allowed)}")
 
 
 def temporary_name(path):

@@ -16,7 +16,8 @@ and ``dirnet_tf>Resampler`` for ``.keras`` serialisation.
 
 import keras
 
-from dirnet_tf.bspline import bspline_displacement, control_grid_shape, normalize_spacing
+from dirnet_tf.bspline import bspline_displacement
+from dirnet_tf.spline_np import control_grid_shape, normalize_spacing
 from dirnet_tf.regressor import Regressor
 from dirnet_tf.resample_op import BOUNDARY_MODES
 from dirnet_tf.warping import warp

@@ -5,7 +5,8 @@ import tensorflow as tf
 
 from dirnet_tf import losses as _losses
 from dirnet_tf.affine import AffineRegressor, affine_displacement
-from dirnet_tf.bspline import bounded_control_points, control_grid_shape, normalize_spacing
+from dirnet_tf.bspline import bounded_control_points
+from dirnet_tf.spline_np import control_grid_shape, normalize_spacing
 from dirnet_tf.layers import BSplineTransformer, Regressor, Resampler
 from dirnet_tf.warping import compose_displacements
 

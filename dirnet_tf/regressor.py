@@ -35,7 +35,7 @@ import math
 import keras
 import numpy as np
 
-from dirnet_tf.bspline import control_grid_shape, normalize_spacing
+from dirnet_tf.spline_np import control_grid_shape, normalize_spacing
 
 __all__ = ["Regressor", "regressor_padding", "AUTO_FILTERS", "auto_filters", "auto_convs_per_level"]
 

@@ -51,7 +51,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from dirnet_tf.bspline import INJECTIVITY_BOUND, bspline_displacement, control_grid_shape
+from dirnet_tf.bspline import INJECTIVITY_BOUND, bspline_displacement
+from dirnet_tf.spline_np import control_grid_shape
 from dirnet_tf.warping import compose_displacements, warp, warp_labels
 
 __all__ = ["SyntheticDeformation", "synthetic_pair_sampler", "synthetic_evaluation_pairs", "stream_key",

@@ -29,7 +29,10 @@ import uuid
 
 import numpy as np
 
-from dirnet_tf.transforms import elastix_numbers, file_extension, itk_geometry, write_displacement_field
+from dirnet_tf.elastix_params import elastix_numbers
+from dirnet_tf.field_images import write_displacement_field
+from dirnet_tf.files import file_extension
+from dirnet_tf.itk import itk_geometry
 
 __all__ = [
     "RegisterError", "pixel_affine", "image_affine", "model_affine", "planar_parts", "itk_grid",

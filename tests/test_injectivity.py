@@ -21,10 +21,9 @@ from dirnet_tf.bspline import (
     bounded_control_points,
     bspline_displacement,
     bspline_jacobian_determinant,
-    control_grid_shape,
-    cubic_bspline,
     injectivity_bound,
 )
+from dirnet_tf.spline_np import control_grid_shape, cubic_bspline
 from dirnet_tf.warping import compose_displacements, identity_grid, warp
 
 # The sharp thresholds (fraction of the spacing) of the per-axis box condition,
