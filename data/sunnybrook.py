@@ -1,11 +1,7 @@
 """Sunnybrook Cardiac Data (2009 LV segmentation challenge) -> HDF5.
 
-Reads the dataset as it is distributed -- per-patient folders (``SC-HF-I-01``;
-image folders may drop the leading zero, ``SC-HF-I-1``) of DICOM images
-``IM-SSSS-NNNN.dcm`` (``SSSS`` = that patient's short-axis cine series,
-``NNNN`` = image number), expert contours in
-``<patient>/contours-manual/IRCCI-expert/IM-0001-NNNN-{i,o}contour-manual.txt``
-(one ``x y`` point per line, x = column, y = row) -- and writes one HDF5 file::
+Reads the dataset as it is distributed (folders, series and contour files as
+described and found by :mod:`data.sunnybrook_files`) and writes one HDF5 file::
 
     python -m data.sunnybrook --raw_dir=DIR --out=FILE.h5
 
@@ -17,19 +13,12 @@ endocardium and epicardium); everything is resampled to a common pixel
 spacing, cropped to a fixed size around the left ventricle and intensities are
 normalised per slice (1st/99th percentile -> [0, 1]).
 
-HDF5 layout (shared with :mod:`data.cardiac_phantom`, read back with
-:func:`load_h5`)::
-
-    /                     attrs: format, spacing_mm, crop_size, label_names, source, ...
-    /<patient>/images     float32 [S, T, H, W] in [0, 1]
-    /<patient>/labels     uint8   [S, T, H, W] (0 bg, 1 cavity, 2 myocardium)
-    /<patient>/annotated  bool    [S, T, 2]    (endocardium, epicardium drawn)
-    /<patient>/ed_phase, es_phase   int32 [S] (-1: not annotated)
-    /<patient>/slice_locations      float32 [S] (mm)
-    /<patient>/trigger_times        float32 [S, T] (ms)
-    /<patient>/source_files         str [S, T] (DICOM paths relative to raw_dir)
-    /<patient>            attrs: group, split, series, native_spacing_mm, crop_origin, ...
-    /splits/{train,valid,test}      str [n] patient names
+The output is in the cardiac HDF5 layout of :mod:`data.cardiac_h5` (shared with
+:mod:`data.cardiac_phantom`, read back with :func:`data.cardiac_h5.load_h5`):
+``/<patient>/images`` float32 ``[S, T, H, W]`` in [0, 1], ``/<patient>/labels``
+uint8 (0 bg, 1 cavity, 2 myocardium), ``source_files`` (DICOM paths relative to
+``raw_dir``) and per-patient attributes ``group``, ``split``, ``series``,
+``native_spacing_mm``, ``crop_origin``, ...
 
 Patients are split by patient, never by slice: by default the challenge's own
 groups (training -> train, validation -> valid, online -> test); with
@@ -39,241 +28,37 @@ A partial dataset still converts: unreadable DICOM files, contours that do not
 match an image, images of an inconsistent size and patients without data are
 skipped with a message naming the file, and the summary lists them.
 
-``pydicom`` is an optional dependency (``pip install -e .[medical]``); it is
-imported only when DICOM files are read.
+DICOM files are read with :mod:`dirnet_tf.dicom` (:func:`read_dicom_frame`);
+``pydicom`` is an optional dependency (``pip install -e .[medical]``), imported
+only when DICOM files are read.
 """
 
-import dataclasses
-import json
 import os
-import re
 import sys
 from collections import Counter
 
 import numpy as np
 
-FORMAT = "dirnet-tf-cardiac-v1"
-LABEL_NAMES = ("background", "lv_cavity", "myocardium")
-GROUP_TO_SPLIT = {"training": "train", "validation": "valid", "online": "test"}
-SPLITS = ("train", "valid", "test")
+# FORMAT, LABEL_NAMES, load_h5: a shim for experiments/cardiac.py and tests/test_cardiac_phantom.py, which still
+# reach them here; they live in data.cardiac_h5.  Delete them from this line once nothing does.
+from data.cardiac_h5 import FORMAT, LABEL_NAMES, SPLITS, load_h5, write_h5  # noqa: F401
+from data.sunnybrook_files import (
+    GROUP_TO_SPLIT,
+    SunnybrookError,
+    choose_series,
+    contour_files,
+    discover,
+    load_series_table,
+    read_contour,
+    series_files,
+)
+from dirnet_tf import dicom
+from dirnet_tf.readers import ImageReadError, skip_reason
 
-# Default patient -> (challenge group, short-axis cine series number) table.
-#
-# Source: the series numbers used by the public Sunnybrook preprocessing
-# scripts of the 2015 Kaggle Data Science Bowl LV tutorial (training group)
-# and by public scripts that extended it to all 45 patients, with the groups
-# given by the contour archives (ContoursPart3 = TrainingDataContours,
-# ContoursPart2 = ValidationDataContours, ContoursPart1 = OnlineDataContours).
-# These are not part of an official document of the data set.  SC-N-06 is
-# published with two different numbers (0981 and 0984): both are listed and the
-# one present on disk is used.  Anything here can be overridden with
-# ``--series_json``; a patient folder that is not in the table gets its series
-# detected automatically (the series that contains the contoured image numbers
-# and the most images).
-DEFAULT_SERIES = {
-    # challenge training (contours: TrainingDataContours)
-    "SC-HF-I-01": ("training", ("0004",)),
-    "SC-HF-I-02": ("training", ("0106",)),
-    "SC-HF-I-04": ("training", ("0116",)),
-    "SC-HF-I-40": ("training", ("0134",)),
-    "SC-HF-NI-03": ("training", ("0379",)),
-    "SC-HF-NI-04": ("training", ("0501",)),
-    "SC-HF-NI-34": ("training", ("0446",)),
-    "SC-HF-NI-36": ("training", ("0474",)),
-    "SC-HYP-01": ("training", ("0550",)),
-    "SC-HYP-03": ("training", ("0650",)),
-    "SC-HYP-38": ("training", ("0734",)),
-    "SC-HYP-40": ("training", ("0755",)),
-    "SC-N-02": ("training", ("0898",)),
-    "SC-N-03": ("training", ("0915",)),
-    "SC-N-40": ("training", ("0944",)),
-    # challenge validation (contours: ValidationDataContours)
-    "SC-HF-I-05": ("validation", ("0156",)),
-    "SC-HF-I-06": ("validation", ("0180",)),
-    "SC-HF-I-07": ("validation", ("0209",)),
-    "SC-HF-I-08": ("validation", ("0226",)),
-    "SC-HF-NI-07": ("validation", ("0523",)),
-    "SC-HF-NI-11": ("validation", ("0270",)),
-    "SC-HF-NI-31": ("validation", ("0401",)),
-    "SC-HF-NI-33": ("validation", ("0424",)),
-    "SC-HYP-06": ("validation", ("0767",)),
-    "SC-HYP-07": ("validation", ("0007",)),
-    "SC-HYP-08": ("validation", ("0796",)),
-    "SC-HYP-37": ("validation", ("0702",)),
-    "SC-N-05": ("validation", ("0963",)),
-    "SC-N-06": ("validation", ("0981", "0984")),
-    "SC-N-07": ("validation", ("1009",)),
-    # challenge online (contours: OnlineDataContours)
-    "SC-HF-I-09": ("online", ("0241",)),
-    "SC-HF-I-10": ("online", ("0024",)),
-    "SC-HF-I-11": ("online", ("0043",)),
-    "SC-HF-I-12": ("online", ("0062",)),
-    "SC-HF-NI-12": ("online", ("0286",)),
-    "SC-HF-NI-13": ("online", ("0304",)),
-    "SC-HF-NI-14": ("online", ("0331",)),
-    "SC-HF-NI-15": ("online", ("0359",)),
-    "SC-HYP-09": ("online", ("0003",)),
-    "SC-HYP-10": ("online", ("0579",)),
-    "SC-HYP-11": ("online", ("0601",)),
-    "SC-HYP-12": ("online", ("0629",)),
-    "SC-N-09": ("online", ("1031",)),
-    "SC-N-10": ("online", ("0851",)),
-    "SC-N-11": ("online", ("0878",)),
-}
-
-_PATIENT_RE = re.compile(r"^SC-(HF-I|HF-NI|HYP|N)-0*(\d+)$", re.IGNORECASE)
-_IMAGE_RE = re.compile(r"^IM-(\d{4})-(\d{4})\.dcm$", re.IGNORECASE)
-_CONTOUR_RE = re.compile(r"^IM-0001-(\d{4})-([io])contour-manual\.txt$", re.IGNORECASE)
-_CONTOUR_SUBDIR = os.path.join("contours-manual", "IRCCI-expert")
-
-
-class SunnybrookError(ValueError):
-    """A problem with one input file or folder (the message names it)."""
-
-
-# --------------------------------------------------------------------------- #
-# Small helpers
-# --------------------------------------------------------------------------- #
-
-
-def _import_pydicom():
-    try:
-        import pydicom  # noqa: PLC0415 - optional dependency, imported lazily
-    except ImportError as exc:
-        raise ImportError(
-            "Reading the Sunnybrook DICOM files needs pydicom, an optional extra of dirnet-tf: "
-            "run `pip install -e .[medical]` (or `pip install pydicom`)."
-        ) from exc
-    return pydicom
-
-
-def normalize_patient_id(name):
-    """Canonical patient id: ``SC-HF-I-1`` / ``sc-hf-i-01`` -> ``SC-HF-I-01``.
-
-    Parameters
-    ----------
-    name : str, a folder name or table key.
-
-    Returns
-    -------
-    The canonical id (two-digit number), or None if ``name`` is not a
-    Sunnybrook patient id.
-    """
-    match = _PATIENT_RE.match(os.path.basename(str(name).rstrip("/\\")))
-    if not match:
-        return None
-    return f"SC-{match.group(1).upper()}-{int(match.group(2)):02d}"
-
-
-@dataclasses.dataclass
-class PatientSpec:
-    """Where one patient's data lives and how to read it."""
-
-    patient: str
-    group: str = None
-    series: tuple = ()
-    image_dir: str = None
-    contour_dir: str = None
-
-
-def load_series_table(series_json=None):
-    """The patient table: :data:`DEFAULT_SERIES`, overridden by a JSON file.
-
-    Parameters
-    ----------
-    series_json : optional path of a JSON object mapping patient ids (any
-        spelling accepted by :func:`normalize_patient_id`) either to a series
-        number string (``"0004"``) or to an object with any of the keys
-        ``series`` (string or list of candidate strings), ``group``
-        (``training``/``validation``/``online``), ``image_dir`` and
-        ``contour_dir`` (folders relative to ``--raw_dir``, or absolute).
-
-    Returns
-    -------
-    dict canonical patient id -> :class:`PatientSpec`.
-    """
-    table = {
-        pid: PatientSpec(pid, group=group, series=tuple(series))
-        for pid, (group, series) in DEFAULT_SERIES.items()
-    }
-    if not series_json:
-        return table
-    try:
-        with open(series_json, encoding="utf-8") as f:
-            overrides = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SunnybrookError(f"Cannot read the series table {series_json}: {exc}") from exc
-    if not isinstance(overrides, dict):
-        raise SunnybrookError(f"{series_json}: expected a JSON object patient -> series, got {type(overrides).__name__}")
-    for key, value in overrides.items():
-        pid = normalize_patient_id(key)
-        if pid is None:
-            raise SunnybrookError(f"{series_json}: {key!r} is not a Sunnybrook patient id (like SC-HF-I-01)")
-        spec = table.get(pid, PatientSpec(pid))
-        if isinstance(value, (str, int)):
-            value = {"series": value}
-        if not isinstance(value, dict):
-            raise SunnybrookError(f"{series_json}: entry {key!r} must be a string or an object, got {value!r}")
-        unknown = set(value) - {"series", "group", "image_dir", "contour_dir"}
-        if unknown:
-            raise SunnybrookError(f"{series_json}: entry {key!r} has unknown keys {sorted(unknown)}")
-        if "series" in value:
-            series = value["series"]
-            series = [series] if isinstance(series, (str, int)) else list(series)
-            spec.series = tuple(f"{int(s):04d}" for s in series)
-        if "group" in value:
-            if value["group"] not in GROUP_TO_SPLIT:
-                raise SunnybrookError(
-                    f"{series_json}: entry {key!r} has group {value['group']!r}; "
-                    f"expected one of {sorted(GROUP_TO_SPLIT)}"
-                )
-            spec.group = value["group"]
-        for field in ("image_dir", "contour_dir"):
-            if field in value:
-                setattr(spec, field, value[field])
-        table[pid] = spec
-    return table
-
-
-def read_contour(path):
-    """Read one contour text file and return its points in ij order.
-
-    Parameters
-    ----------
-    path : file with one ``x y`` point per line (x = column, y = row, pixels).
-
-    Returns
-    -------
-    float64 array ``[N, 2]`` of (row, column) = (y, x) points.
-
-    Raises
-    ------
-    SunnybrookError naming the file (and line) when it cannot be read or has
-    fewer than 3 points.
-    """
-    points = []
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                parts = line.split()
-                if not parts:
-                    continue
-                try:
-                    if len(parts) != 2:
-                        raise ValueError
-                    x, y = float(parts[0]), float(parts[1])
-                except ValueError:
-                    raise SunnybrookError(
-                        f"{path}, line {lineno}: expected two numbers 'x y', got {line.strip()!r}"
-                    ) from None
-                if not (np.isfinite(x) and np.isfinite(y)):
-                    raise SunnybrookError(f"{path}, line {lineno}: non-finite coordinate {line.strip()!r}")
-                points.append((y, x))
-    except OSError as exc:
-        raise SunnybrookError(f"Cannot read contour file {path}: {exc}") from exc
-    if len(points) < 3:
-        raise SunnybrookError(f"{path}: a contour needs at least 3 points, found {len(points)}")
-    return np.asarray(points, dtype=np.float64)
+__all__ = [
+    "Report", "rasterize_polygon", "read_dicom_frame", "read_cine_slices", "convert_patient", "find_ed_es",
+    "split_patients", "convert", "main",
+]
 
 
 def rasterize_polygon(points_ij, shape):
@@ -309,59 +94,6 @@ def rasterize_polygon(points_ij, shape):
     mask[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1] = inside.reshape(ii.shape)
     return mask
 
-
-# --------------------------------------------------------------------------- #
-# Discovery
-# --------------------------------------------------------------------------- #
-
-
-def _resolve(raw_dir, path):
-    return path if os.path.isabs(path) else os.path.join(raw_dir, path)
-
-
-def discover(raw_dir, table):
-    """Find every patient's image folder and contour folder under ``raw_dir``.
-
-    A folder named like a patient (``SC-HF-I-1`` or ``SC-HF-I-01``) that holds
-    ``IM-SSSS-NNNN.dcm`` files is an image folder; one that holds
-    ``contours-manual/IRCCI-expert`` is a contour folder (the two may be the
-    same folder).  Folders given in the table take precedence.
-
-    Parameters
-    ----------
-    raw_dir : root of the unpacked data set.
-    table : dict from :func:`load_series_table`.
-
-    Returns
-    -------
-    dict canonical patient id -> :class:`PatientSpec` with folders filled in
-    (``None`` where nothing was found), sorted by id.
-    """
-    if not os.path.isdir(raw_dir):
-        raise SunnybrookError(f"--raw_dir {raw_dir} is not a folder")
-    found_images, found_contours = {}, {}
-    for root, dirs, files in os.walk(raw_dir):
-        dirs.sort()
-        pid = normalize_patient_id(os.path.basename(root))
-        if pid is None:
-            continue
-        if any(_IMAGE_RE.match(f) for f in files):
-            found_images.setdefault(pid, root)
-        if os.path.isdir(os.path.join(root, _CONTOUR_SUBDIR)):
-            found_contours.setdefault(pid, os.path.join(root, _CONTOUR_SUBDIR))
-        # DICOMs may sit in a sub-folder of the patient folder.
-        if pid not in found_images:
-            for sub_root, _, sub_files in os.walk(root):
-                if any(_IMAGE_RE.match(f) for f in sub_files):
-                    found_images[pid] = sub_root
-                    break
-    patients = {}
-    for pid in sorted(set(found_images) | set(found_contours) | {p for p, s in table.items() if s.image_dir}):
-        spec = dataclasses.replace(table.get(pid, PatientSpec(pid)))
-        spec.image_dir = _resolve(raw_dir, spec.image_dir) if spec.image_dir else found_images.get(pid)
-        spec.contour_dir = _resolve(raw_dir, spec.contour_dir) if spec.contour_dir else found_contours.get(pid)
-        patients[pid] = spec
-    return patients
 
 
 # --------------------------------------------------------------------------- #
@@ -399,83 +131,50 @@ class Report:
         return "\n".join(lines)
 
 
-def _image_files(image_dir):
-    """``{series: {number: filename}}`` of the IM-SSSS-NNNN.dcm files in a folder."""
-    by_series = {}
-    for name in sorted(os.listdir(image_dir)):
-        match = _IMAGE_RE.match(name)
-        if match:
-            by_series.setdefault(match.group(1), {})[int(match.group(2))] = name
-    return by_series
+def read_dicom_frame(path):
+    """Pixels, spacing, slice position and trigger time of one single-frame cine DICOM file.
 
-
-def _contour_files(contour_dir):
-    """``{number: {"i": path, "o": path}}`` of the contour files in a folder."""
-    contours = {}
-    if contour_dir and os.path.isdir(contour_dir):
-        for name in sorted(os.listdir(contour_dir)):
-            match = _CONTOUR_RE.match(name)
-            if match:
-                contours.setdefault(int(match.group(1)), {})[match.group(2).lower()] = os.path.join(contour_dir, name)
-    return contours
-
-
-def choose_series(spec, by_series, contour_numbers):
-    """Pick the cine series of a patient.
-
-    The table's candidates that exist on disk come first; without one, the
-    series that contains the most contoured image numbers, then the most
-    images, is used.
+    Built on :mod:`dirnet_tf.dicom` (pixels grey and rescaled, MONOCHROME1
+    negated; plane geometry).
 
     Returns
     -------
-    ``(series, how)`` with ``how`` in ``{"table", "detected"}``; ``(None, reason)``
-    when the folder has no series at all.
+    pixels : float32 ``(rows, columns)``.
+    spacing : PixelSpacing ``(row, column)`` in mm.
+    position : float, mm along the slice normal (ImagePositionPatient .
+        (row direction x column direction)), or SliceLocation without them.
+    trigger : TriggerTime in ms, or None.
+
+    Raises
+    ------
+    SunnybrookError whose message says why without repeating the path (the
+    caller's report names it); ImportError when pydicom is missing.
     """
-    for candidate in spec.series:
-        if candidate in by_series:
-            return candidate, "table"
-    if not by_series:
-        return None, "no IM-SSSS-NNNN.dcm files"
-
-    def score(series):
-        numbers = by_series[series]
-        return (sum(n in numbers for n in contour_numbers), len(numbers), series)
-
-    return max(by_series, key=score), "detected"
-
-
-def _read_dicom(path):
-    """Pixels, spacing, slice position and trigger time of one DICOM file."""
-    pydicom = _import_pydicom()
+    dicom.import_pydicom()
     try:
-        ds = pydicom.dcmread(path)
-        pixels = np.asarray(ds.pixel_array, dtype=np.float32)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken files
+        ds = dicom.read_dataset(path)
+        pixels = dicom.grey_pixels(ds)
+    except ImageReadError as exc:
+        raise SunnybrookError(f"unreadable DICOM: {skip_reason(path, exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken pixel data
         raise SunnybrookError(f"unreadable DICOM ({type(exc).__name__}: {exc})") from exc
     if pixels.ndim != 2:
         raise SunnybrookError(f"expected a single 2-D frame, got pixel array of shape {pixels.shape}")
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    pixels = pixels * slope + intercept
-    spacing = getattr(ds, "PixelSpacing", None)
-    if spacing is None or len(spacing) != 2:
-        raise SunnybrookError("no PixelSpacing")
-    spacing = (float(spacing[0]), float(spacing[1]))
-    if min(spacing) <= 0:
-        raise SunnybrookError(f"invalid PixelSpacing {spacing}")
-    position = None
-    ipp, iop = getattr(ds, "ImagePositionPatient", None), getattr(ds, "ImageOrientationPatient", None)
-    if ipp is not None and iop is not None and len(ipp) == 3 and len(iop) == 6:
-        normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
-        position = float(np.dot(np.asarray(ipp, float), normal))
+    spacing, position, orientation = dicom.plane_geometry(ds)
+    if spacing is None:
+        raw = getattr(ds, "PixelSpacing", None)
+        if raw is None or len(raw) != 2:
+            raise SunnybrookError("no PixelSpacing")
+        raise SunnybrookError(f"invalid PixelSpacing {tuple(float(v) for v in raw)}")
+    if position is not None and orientation is not None:
+        position = float(np.dot(position, np.cross(orientation[:3], orientation[3:])))
     elif getattr(ds, "SliceLocation", None) is not None:
         position = float(ds.SliceLocation)
-    if position is None:
+    else:
         raise SunnybrookError("neither ImagePositionPatient/ImageOrientationPatient nor SliceLocation")
     trigger = getattr(ds, "TriggerTime", None)
     trigger = float(trigger) if trigger not in (None, "") else None
-    return pixels, spacing, position, trigger
+    return pixels.astype(np.float32), spacing, position, trigger
 
 
 def _cluster(values, tolerance):
@@ -491,7 +190,7 @@ def _cluster(values, tolerance):
     return labels
 
 
-def read_cine(image_dir, files, report, slice_tolerance=0.5):
+def read_cine_slices(image_dir, files, report, slice_tolerance=0.5):
     """Read a cine series and arrange it as ``[slices, phases]``.
 
     Parameters
@@ -511,7 +210,7 @@ def read_cine(image_dir, files, report, slice_tolerance=0.5):
     for number, name in sorted(files.items()):
         path = os.path.join(image_dir, name)
         try:
-            pixels, spacing, position, trigger = _read_dicom(path)
+            pixels, spacing, position, trigger = read_dicom_frame(path)
         except SunnybrookError as exc:
             report.skip(path, exc)
             continue
@@ -599,8 +298,8 @@ def convert_patient(spec, raw_dir, report, spacing=1.5, crop_size=128):
     if not spec.image_dir or not os.path.isdir(spec.image_dir):
         report.skip(spec.image_dir or f"{raw_dir}/{pid}", f"{pid}: no image folder found")
         return None
-    contours = _contour_files(spec.contour_dir)
-    by_series = _image_files(spec.image_dir)
+    contours = contour_files(spec.contour_dir)
+    by_series = series_files(spec.image_dir)
     series, how = choose_series(spec, by_series, set(contours))
     if series is None:
         report.skip(spec.image_dir, f"{pid}: {how}")
@@ -608,7 +307,7 @@ def convert_patient(spec, raw_dir, report, spacing=1.5, crop_size=128):
     if how == "detected" and spec.series:
         report.note(spec.image_dir, f"{pid}: series {'/'.join(spec.series)} from the table is not there; "
                                     f"using the detected series {series}")
-    cine = read_cine(spec.image_dir, by_series[series], report)
+    cine = read_cine_slices(spec.image_dir, by_series[series], report)
     if cine is None:
         report.skip(spec.image_dir, f"{pid}: no readable images in series {series}")
         return None
@@ -711,7 +410,7 @@ def find_ed_es(labels, annotated):
 
 
 # --------------------------------------------------------------------------- #
-# Splits and HDF5
+# Splits
 # --------------------------------------------------------------------------- #
 
 
@@ -767,123 +466,6 @@ def split_patients(groups, mode="challenge", seed=0, fractions=(0.34, 0.33, 0.33
         "valid": sorted(order[n_train:n_train + n_valid]),
         "test": sorted(order[n_train + n_valid:]),
     }
-
-
-def _jsonable(value):
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value)
-    return value
-
-
-def write_h5(path, patients, splits, attrs):
-    """Write patients in the cardiac HDF5 layout, atomically (temp file + rename).
-
-    Parameters
-    ----------
-    path : output file.
-    patients : dict name -> dict with arrays ``images``, ``labels``,
-        ``annotated``, ``ed_phase``, ``es_phase`` (+ optional
-        ``slice_locations``, ``trigger_times``, ``source_files``) and ``attrs``.
-    splits : dict split -> list of patient names.
-    attrs : root attributes (provenance); ``format``, ``label_names`` added.
-    """
-    import h5py  # noqa: PLC0415
-
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    str_dtype = h5py.string_dtype()
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["label_names"] = json.dumps(list(LABEL_NAMES))
-            for key, value in attrs.items():
-                f.attrs[key] = _jsonable(value)
-            for name, data in patients.items():
-                g = f.create_group(name)
-                g.create_dataset("images", data=data["images"].astype(np.float32), compression="gzip",
-                                 compression_opts=4, chunks=(1, 1) + data["images"].shape[2:])
-                g.create_dataset("labels", data=data["labels"].astype(np.uint8), compression="gzip",
-                                 compression_opts=4, chunks=(1, 1) + data["labels"].shape[2:])
-                for key in ("annotated", "ed_phase", "es_phase", "slice_locations", "trigger_times"):
-                    if key in data:
-                        g.create_dataset(key, data=data[key])
-                if "source_files" in data:
-                    g.create_dataset("source_files", data=np.asarray(data["source_files"], dtype=object),
-                                     dtype=str_dtype)
-                for key, value in data.get("attrs", {}).items():
-                    g.attrs[key] = _jsonable(value)
-            sg = f.create_group("splits")
-            for split in SPLITS:
-                sg.create_dataset(split, data=np.array(sorted(splits.get(split, [])), dtype=object),
-                                  dtype=str_dtype)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_h5(path, splits=None):
-    """Read a cardiac HDF5 file (Sunnybrook or phantom) into memory.
-
-    Parameters
-    ----------
-    path : file written by :func:`write_h5`.
-    splits : optional iterable of split names to load (default: all).
-
-    Returns
-    -------
-    dict with ``attrs`` (root attributes), ``splits`` (split -> list of
-    names) and ``patients`` (name -> dict of arrays + ``attrs``).
-
-    Raises
-    ------
-    FileNotFoundError / ValueError naming the file when it is missing or not
-    in this format.
-    """
-    import h5py  # noqa: PLC0415
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Cardiac data file {path} does not exist")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise ValueError(f"{path} is not a readable HDF5 file ({exc}); convert the data again") from exc
-    with f:
-        if f.attrs.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a cardiac data file of format {FORMAT} "
-                             f"(format attribute: {f.attrs.get('format')!r})")
-        attrs = {k: _decode_attr(v) for k, v in f.attrs.items()}
-        split_names = {s: [n.decode() if isinstance(n, bytes) else str(n) for n in f["splits"][s][()]]
-                       for s in SPLITS}
-        wanted = set(SPLITS if splits is None else splits)
-        unknown = wanted - set(SPLITS)
-        if unknown:
-            raise ValueError(f"unknown split(s) {sorted(unknown)}; expected some of {SPLITS}")
-        patients = {}
-        for split in SPLITS:
-            if split not in wanted:
-                continue
-            for name in split_names[split]:
-                g = f[name]
-                data = {k: g[k][()] for k in g.keys() if k != "source_files"}
-                data["attrs"] = {k: _decode_attr(v) for k, v in g.attrs.items()}
-                data["split"] = split
-                patients[name] = data
-    return dict(attrs=attrs, splits=split_names, patients=patients)
-
-
-def _decode_attr(value):
-    if isinstance(value, bytes):
-        value = value.decode()
-    if isinstance(value, str) and value[:1] in "[{":
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 # --------------------------------------------------------------------------- #
@@ -946,9 +528,7 @@ def convert(raw_dir, out, spacing=1.5, crop_size=128, series_json=None, split="c
         skipped=[list(s) for s in report.skipped], notes=[list(n) for n in report.notes],
     )
     try:
-        import pydicom  # noqa: PLC0415
-
-        attrs["pydicom_version"] = pydicom.__version__
+        attrs["pydicom_version"] = dicom.import_pydicom().__version__
     except ImportError:  # pragma: no cover - cannot get here after reading DICOMs
         pass
     write_h5(out, patients, splits, attrs)

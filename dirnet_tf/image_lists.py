@@ -37,11 +37,12 @@ from dirnet_tf.readers import (
     check_ndim,
     read_image,
     read_labels,
+    skip_reason,
     split_hdf5_spec,
 )
 
 __all__ = ["LIST_EXTENSIONS", "Entry", "file_stem", "is_image_file", "list_images", "expand_folder",
-           "read_image_list", "attach_labels", "skip_reason"]
+           "read_image_list", "attach_labels"]
 
 LIST_EXTENSIONS = (".csv", ".txt")
 
@@ -72,13 +73,6 @@ def file_stem(path):
 def is_image_file(path):
     """Whether ``path`` has an image file extension (:data:`~dirnet_tf.readers.IMAGE_EXTENSIONS`) or is DICOM."""
     return os.path.basename(os.fspath(path)).lower().endswith(IMAGE_EXTENSIONS) or dicom.is_dicom_file(path)
-
-
-def skip_reason(path, exc):
-    """Why ``path`` was skipped: the message of ``exc`` without a leading ``'path: '`` (the skip names it)."""
-    reason = str(exc)
-    prefix = f"{os.fspath(path)}: "
-    return reason[len(prefix):] if reason.startswith(prefix) else reason
 
 
 def attach_labels(images, labels, image_path, label_path):
@@ -198,7 +192,7 @@ def list_images(spec, labels=None, ndim=None, default_spacing=None):
         Images (with their label or None), in input order.
     skipped : list of (str, str)
         ``(path, reason)`` of each input that could not be read; the reason
-        does not repeat the path (:func:`skip_reason`).
+        does not repeat the path (:func:`~dirnet_tf.readers.skip_reason`).
 
     Raises
     ------

@@ -70,7 +70,7 @@ __all__ = [
     "PIL_EXTENSIONS", "NPY_EXTENSIONS", "NIFTI_EXTENSIONS", "DICOM_EXTENSIONS", "HDF5_EXTENSIONS",
     "IMAGE_EXTENSIONS", "LUMA_WEIGHTS",
     "Image", "InputError", "ImageReadError", "GeometryWarning",
-    "read_image", "read_labels", "split_hdf5_spec", "decode_pil", "rgb_to_grey", "nifti_affine",
+    "read_image", "read_labels", "skip_reason", "split_hdf5_spec", "decode_pil", "rgb_to_grey", "nifti_affine",
     "import_optional", "check_ndim", "spacing_tuple", "default_spacing_tuple", "as_float_image",
 ]
 
@@ -197,6 +197,17 @@ def split_hdf5_spec(path):
     """
     m = _H5_SPEC.match(os.fspath(path))
     return (m.group("file"), m.group("dataset")) if m else None
+
+
+def skip_reason(path, exc):
+    """Why ``path`` was skipped: the message of ``exc`` without a leading ``'path: '`` (the skip line names it).
+
+    Errors of this module start with the path they concern; a caller that
+    prints ``skipped PATH: REASON`` uses this to name the path once.
+    """
+    reason = str(exc)
+    prefix = f"{os.fspath(path)}: "
+    return reason[len(prefix):] if reason.startswith(prefix) else reason
 
 
 def _lower_name(path):

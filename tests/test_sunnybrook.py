@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from data import sunnybrook as sb
+from data import sunnybrook_files as sbf
+from data.cardiac_h5 import load_h5
 
 pytest.importorskip("pydicom", reason="optional extra .[medical] (installed by `make test`)")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
@@ -130,30 +132,30 @@ def converted(raw_dataset, tmp_path_factory):
 
 
 def test_normalize_patient_id():
-    assert sb.normalize_patient_id("SC-HF-I-1") == "SC-HF-I-01"
-    assert sb.normalize_patient_id("sc-hf-ni-034") == "SC-HF-NI-34"
-    assert sb.normalize_patient_id("/x/y/SC-N-2/") == "SC-N-02"
-    assert sb.normalize_patient_id("SC-XYZ-1") is None
+    assert sbf.normalize_patient_id("SC-HF-I-1") == "SC-HF-I-01"
+    assert sbf.normalize_patient_id("sc-hf-ni-034") == "SC-HF-NI-34"
+    assert sbf.normalize_patient_id("/x/y/SC-N-2/") == "SC-N-02"
+    assert sbf.normalize_patient_id("SC-XYZ-1") is None
     # Every default-table entry is in canonical form and the challenge has 15 per group.
-    assert all(sb.normalize_patient_id(p) == p for p in sb.DEFAULT_SERIES)
-    groups = [g for g, _ in sb.DEFAULT_SERIES.values()]
-    assert len(sb.DEFAULT_SERIES) == 45
+    assert all(sbf.normalize_patient_id(p) == p for p in sbf.DEFAULT_SERIES)
+    groups = [g for g, _ in sbf.DEFAULT_SERIES.values()]
+    assert len(sbf.DEFAULT_SERIES) == 45
     assert {g: groups.count(g) for g in set(groups)} == {"training": 15, "validation": 15, "online": 15}
 
 
 def test_read_contour_converts_xy_to_ij(tmp_path):
     path = tmp_path / "c.txt"
     path.write_text("10.5 3.25\n\n11.0 4.0\n 12 7 \n")
-    pts = sb.read_contour(str(path))
+    pts = sbf.read_contour(str(path))
     np.testing.assert_array_equal(pts, [[3.25, 10.5], [4.0, 11.0], [7.0, 12.0]])
     bad = tmp_path / "bad.txt"
     bad.write_text("1 2\n3 four\n5 6\n")
-    with pytest.raises(sb.SunnybrookError, match=r"bad\.txt, line 2"):
-        sb.read_contour(str(bad))
+    with pytest.raises(sbf.SunnybrookError, match=r"bad\.txt, line 2"):
+        sbf.read_contour(str(bad))
     short = tmp_path / "short.txt"
     short.write_text("1 2\n3 4\n")
-    with pytest.raises(sb.SunnybrookError, match="at least 3 points"):
-        sb.read_contour(str(short))
+    with pytest.raises(sbf.SunnybrookError, match="at least 3 points"):
+        sbf.read_contour(str(short))
 
 
 def _inside_convex(points, centres):
@@ -198,7 +200,7 @@ def test_conversion_layout_and_report(converted):
     assert "SC-HYP-09: no contour files" in skipped
     assert sorted(report.converted) == ["SC-HF-I-01", "SC-HF-NI-07", "SC-HYP-09"]
 
-    data = sb.load_h5(str(out))
+    data = load_h5(str(out))
     assert data["splits"] == {"train": ["SC-HF-I-01"], "valid": ["SC-HF-NI-07"], "test": ["SC-HYP-09"]}
     assert data["attrs"]["spacing_mm"] == [OUT_SPACING, OUT_SPACING]
     assert any("IM-0004-0010.dcm" in p for p, _ in data["attrs"]["skipped"])
@@ -228,7 +230,7 @@ def test_conversion_layout_and_report(converted):
 
 def test_labels_match_independent_reference(converted):
     out, _ = converted
-    p1 = sb.load_h5(str(out))["patients"]["SC-HF-I-01"]
+    p1 = load_h5(str(out))["patients"]["SC-HF-I-01"]
     origin = np.array(p1["attrs"]["crop_origin"])
     scale = OUT_SPACING / NATIVE_SPACING
     k = np.arange(CROP)
@@ -265,7 +267,7 @@ def test_series_json_override_and_random_split(raw_dataset, tmp_path):
     out = tmp_path / "sb.h5"
     report = sb.convert(str(raw_dataset), str(out), spacing=OUT_SPACING, crop_size=CROP, series_json=str(override),
                         split="random", split_seed=3, verbose=False)
-    data = sb.load_h5(str(out))
+    data = load_h5(str(out))
     assert data["patients"]["SC-HF-I-01"]["attrs"]["series"] == "0004"
     assert data["patients"]["SC-HF-I-01"]["attrs"]["series_from"] == "detected"
     assert any("0777" in r and "detected series 0004" in r for _, r in report.notes)
@@ -278,8 +280,8 @@ def test_series_json_override_and_random_split(raw_dataset, tmp_path):
     assert again == data["splits"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"SC-HF-I-1": {"group": "nope"}}))
-    with pytest.raises(sb.SunnybrookError, match="bad.json.*group"):
-        sb.load_series_table(str(bad))
+    with pytest.raises(sbf.SunnybrookError, match="bad.json.*group"):
+        sbf.load_series_table(str(bad))
 
 
 def test_split_patients_by_patient():
@@ -294,28 +296,51 @@ def test_split_patients_by_patient():
     assert [len(a[s]) for s in sb.SPLITS] == [15, 15, 15]
     tiny = sb.split_patients({"SC-N-01": "", "SC-N-02": "", "SC-N-03": ""}, mode="random", seed=0)
     assert all(len(v) == 1 for v in tiny.values())
-    with pytest.raises(sb.SunnybrookError, match="SC-N-00.*--split=random"):
+    with pytest.raises(sbf.SunnybrookError, match="SC-N-00.*--split=random"):
         sb.split_patients({"SC-N-00": ""})
 
 
 def test_cli_and_errors(raw_dataset, tmp_path, capsys):
     out = tmp_path / "cli.h5"
     assert sb.main([f"--raw_dir={raw_dataset}", f"--out={out}", "--crop_size=24"]) == 0
-    assert sb.load_h5(str(out))["patients"]["SC-HF-I-01"]["images"].shape[2:] == (24, 24)
+    assert load_h5(str(out))["patients"]["SC-HF-I-01"]["images"].shape[2:] == (24, 24)
     empty = tmp_path / "empty"
     empty.mkdir()
     assert sb.main([f"--raw_dir={empty}", f"--out={tmp_path / 'x.h5'}"]) == 1
     assert "No Sunnybrook patient folders" in capsys.readouterr().err
     assert not (tmp_path / "x.h5").exists()
     with pytest.raises(FileNotFoundError, match="nothere.h5"):
-        sb.load_h5(str(tmp_path / "nothere.h5"))
+        load_h5(str(tmp_path / "nothere.h5"))
     junk = tmp_path / "junk.h5"
     junk.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="junk.h5"):
-        sb.load_h5(str(junk))
+        load_h5(str(junk))
 
 
-def test_missing_pydicom_message(monkeypatch):
+def test_missing_pydicom_message(tmp_path, monkeypatch):
+    path = str(tmp_path / "IM-0004-0001.dcm")
+    write_dicom(path, np.zeros((4, 4)), NATIVE_SPACING, 0.0, 0.0, 1)
     monkeypatch.setitem(sys.modules, "pydicom", None)
     with pytest.raises(ImportError, match=r"pip install -e \.\[medical\]"):
-        sb._import_pydicom()
+        sb.read_dicom_frame(path)
+
+
+def test_read_dicom_frame_and_skip_lines_name_the_file_once(tmp_path, capsys):
+    pixels = np.arange(20).reshape(4, 5) * 7
+    path = str(tmp_path / "IM-0004-0001.dcm")
+    write_dicom(path, pixels, 1.25, position_z=-8.0, trigger=43.0, number=1)
+    got, spacing, position, trigger = sb.read_dicom_frame(path)
+    assert got.dtype == np.float32 and got.shape == (4, 5)
+    np.testing.assert_array_equal(got, pixels)
+    assert spacing == (1.25, 1.25) and trigger == 43.0
+    assert position == 8.0  # along the normal (0, 1, 0) x (1, 0, 0) = -z, not the raw z
+    broken = tmp_path / "IM-0004-0002.dcm"
+    broken.write_bytes(b"this is not a DICOM file" * 4)
+    with pytest.raises(sbf.SunnybrookError, match="unreadable DICOM") as info:
+        sb.read_dicom_frame(str(broken))
+    assert str(broken) not in str(info.value)
+    report = sb.Report(verbose=True)
+    cine = sb.read_cine_slices(str(tmp_path), {1: "IM-0004-0001.dcm", 2: "IM-0004-0002.dcm"}, report)
+    assert cine["pixels"].shape == (1, 1, 4, 5) and cine["files"] == [[path]]
+    err = capsys.readouterr().err
+    assert f"[sunnybrook] skipped {broken}: unreadable DICOM" in err and err.count(str(broken)) == 1
