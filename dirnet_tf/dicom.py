@@ -294,9 +294,10 @@ def read_dicom_series(folder, ndim=None, default_spacing=None):
 
     Slices are ordered by ``ImagePositionPatient . normal`` (normal = row
     direction x column direction); the third spacing is the distance between
-    consecutive positions, which must be uniform.
+    consecutive positions, which must be uniform.  ``default_spacing`` is
+    not used (a series always has its own spacing); it is accepted like every
+    reader's.  ``ndim=2`` is refused.
     """
-    del default_spacing  # a series always has its own spacing
     import_pydicom()
     source = os.fspath(folder)
     if ndim == 2:

@@ -42,7 +42,7 @@ from dirnet_tf.readers import (
 )
 
 __all__ = ["LIST_EXTENSIONS", "Entry", "file_stem", "is_image_file", "list_images", "expand_folder",
-           "read_image_list", "attach_labels"]
+           "read_image_list", "entries_with_labels"]
 
 LIST_EXTENSIONS = (".csv", ".txt")
 
@@ -75,7 +75,7 @@ def is_image_file(path):
     return os.path.basename(os.fspath(path)).lower().endswith(IMAGE_EXTENSIONS) or dicom.is_dicom_file(path)
 
 
-def attach_labels(images, labels, image_path, label_path):
+def entries_with_labels(images, labels, image_path, label_path):
     """Pair the images read from one path with the label maps read from another -> list of :class:`Entry`.
 
     Raises :class:`~dirnet_tf.readers.InputError` naming both when the counts
@@ -258,7 +258,7 @@ def list_images(spec, labels=None, ndim=None, default_spacing=None):
         if label_path is None:
             entries.extend(Entry(image) for image in images)
         else:
-            entries.extend(attach_labels(images, read_labels(label_path, ndim), path, label_path))
+            entries.extend(entries_with_labels(images, read_labels(label_path, ndim), path, label_path))
 
     if not entries:
         detail = "; ".join(f"{p}: {r}" for p, r in skipped[:5])

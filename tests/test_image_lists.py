@@ -1,6 +1,8 @@
 """Collections (``dirnet_tf.image_lists``): folders, globs, CSV/TXT lists, label matching, skipped files."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -110,3 +112,21 @@ def test_skip_reasons_do_not_repeat_the_path(tmp_path):
     with pytest.raises(InputError, match="no readable image") as info:
         list_images(tmp_path)
     assert str(info.value).count(f"{broken}: ") == 1
+
+
+def test_reading_modules_do_not_need_tensorflow(tmp_path):
+    """readers, dicom and image_lists read a folder with TensorFlow blocked (the package __init__ is bypassed)."""
+    write_npy(tmp_path / "a.npy", np.ones((3, 4)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import sys, types\n"
+        "sys.modules['tensorflow'] = None\n"
+        f"pkg = types.ModuleType('dirnet_tf'); pkg.__path__ = [{os.path.join(root, 'dirnet_tf')!r}]\n"
+        "sys.modules['dirnet_tf'] = pkg\n"
+        "from dirnet_tf import dicom, image_lists\n"
+        f"entries, skipped = image_lists.list_images({str(tmp_path)!r})\n"
+        "print(entries[0].image.shape, skipped)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(3, 4) []"
