@@ -285,7 +285,10 @@ def _split_stack(array, ndim, source, default_ndim):
 
 def rgb_to_grey(array):
     """Colour pixels ``[..., 3 or 4]`` (R, G, B[, alpha ignored]) -> grey float64 ``[...]`` (:data:`LUMA_WEIGHTS`)."""
-    return np.asarray(array)[..., :3].astype(np.float64) @ LUMA_WEIGHTS
+    array = np.asarray(array)
+    if array.ndim < 1 or array.shape[-1] not in (3, 4):
+        raise ValueError(f"rgb_to_grey needs colour pixels [..., 3 or 4], got shape {array.shape}")
+    return array[..., :3].astype(np.float64) @ LUMA_WEIGHTS
 
 
 def _frame_array(frame, palette, rgb):

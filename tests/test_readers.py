@@ -315,3 +315,5 @@ def test_rgb_to_grey_by_hand():
     grey = readers.rgb_to_grey(rgba)  # alpha ignored
     assert grey.shape == (2, 2) and grey.dtype == np.float64
     np.testing.assert_allclose(grey, [[0.299 * 255, 0.587 * 255], [0.114 * 255, 2.99 + 117.4 + 4.56]])
+    with pytest.raises(ValueError, match=r"\[\.\.\., 3 or 4\].*\(2, 5\)"):
+        readers.rgb_to_grey(np.zeros((2, 5)))
