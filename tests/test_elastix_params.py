@@ -18,22 +18,31 @@ from dirnet_tf.elastix_params import (
 )
 from dirnet_tf.itk import DEFAULT_MARGIN, itk_affine_transform, map_points_world
 from dirnet_tf.spline_np import map_points_bspline, map_points_chain
-from tests.transform_cases import (  # noqa: F401 - sitk / itk are fixtures
+from tests.transform_cases import (
     analytic,
     case,
     chain_case,
     inside_grid,
-    itk,
+    need_itk_elastix,
+    need_simpleitk,
     nifti_moving,
     ours,
     parameter_object,
     read_transformix_points,
     report,
-    rotation,
-    sitk,
     voxels,
     write_transformix_points,
 )
+
+
+@pytest.fixture
+def sitk():
+    return need_simpleitk()
+
+
+@pytest.fixture
+def itk():
+    return need_itk_elastix()
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

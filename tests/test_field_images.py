@@ -8,17 +8,22 @@ import pytest
 
 from dirnet_tf.field_images import write_displacement_field
 from dirnet_tf.itk import map_points_world
-from tests.transform_cases import (  # noqa: F401 - sitk / itk are fixtures
+from tests.transform_cases import (
     analytic,
     case,
     inside_grid,
+    need_simpleitk,
     nifti_moving,
     ours,
     report,
     resample_itk,
-    sitk,
     voxels,
 )
+
+
+@pytest.fixture
+def sitk():
+    return need_simpleitk()
 
 
 @pytest.mark.parametrize("ndim, ext", [(2, ".nii.gz"), (3, ".nii.gz"), (2, ".mha"), (3, ".mha"), (3, ".nrrd")])

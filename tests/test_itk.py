@@ -19,7 +19,7 @@ from dirnet_tf.itk import (
     write_itk_transform,
 )
 from dirnet_tf.spline_np import map_points_bspline, map_points_chain
-from tests.transform_cases import (  # noqa: F401 - sitk / itk are fixtures
+from tests.transform_cases import (
     SPACING_2D,
     analytic,
     case,
@@ -27,14 +27,19 @@ from tests.transform_cases import (  # noqa: F401 - sitk / itk are fixtures
     grid_affine,
     inside_grid,
     listing,
+    need_simpleitk,
     nifti_moving,
     ours,
     report,
     resample_itk,
     rotation,
-    sitk,
     voxels,
 )
+
+
+@pytest.fixture
+def sitk():
+    return need_simpleitk()
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

@@ -111,8 +111,8 @@ def brute_force(cp, spacing, points):
     return np.array(out)
 
 
-@pytest.fixture
-def sitk():
+def need_simpleitk():
+    """SimpleITK, or skip the test (an optional extra: ``pip install -e .[medical]``)."""
     return pytest.importorskip("SimpleITK")
 
 
@@ -133,8 +133,8 @@ def report(name, diff):
     print(f"{name}: max |difference| {np.max(np.abs(diff)):.3g}")
 
 
-@pytest.fixture
-def itk():
+def need_itk_elastix():
+    """The ``itk`` package with itk-elastix's transformix, or skip the test."""
     itk = pytest.importorskip("itk")
     try:
         itk.TransformixFilter  # noqa: B018 - lazy attribute; missing without itk-elastix
