@@ -198,7 +198,9 @@ def list_images(spec, labels=None, ndim=None, default_spacing=None):
     ------
     InputError
         Nothing matches ``spec``; nothing readable; 2-D and 3-D images mixed;
-        a label map whose shape differs from its image (both files named).
+        a label map whose shape differs from its image (both files named); a
+        labels folder none of whose names matches an image (when only some
+        images lack a label map, a UserWarning says how many).
     ImageReadError
         ``spec`` is a single file (or dataset) and it is unreadable.
     """
@@ -269,6 +271,12 @@ def list_images(spec, labels=None, ndim=None, default_spacing=None):
     if len(dims) > 1:
         raise InputError(f"{spec}: 2-D and 3-D images are mixed (e.g. {dims[2]} is 2-D, {dims[3]} is 3-D); "
                          "use one kind, or pass ndim=2 to read volumes as stacks of slices")
+    if missing and not any(entry.label is not None for entry in entries):
+        named = (f"its label files are named like {', '.join(sorted(label_index)[:3])}" if label_index
+                 else "it holds no label file")
+        raise InputError(f"labels={labels}: no label map matches an image by name (e.g. no {file_stem(missing[0])}.* "
+                         f"for {missing[0]}; {named}); name each label map like its image, e.g. "
+                         f"{os.path.join(labels, file_stem(missing[0]))}.png")
     if missing:
         warnings.warn(f"{len(missing)} image(s) have no label map in {labels} (e.g. {missing[0]})", stacklevel=2)
     return entries, skipped

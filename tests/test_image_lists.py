@@ -130,3 +130,19 @@ def test_reading_modules_do_not_need_tensorflow(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(3, 4) []"
+
+
+def test_labels_folder_matching_no_image_is_an_error(tmp_path):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    write_npy(images / "case1.npy", np.zeros((4, 4)))
+    write_npy(images / "case2.npy", np.zeros((4, 4)))
+    write_png(labels / "seg_case1.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(InputError, match=r"labels=.*labels: no label map matches an image by name "
+                                         r"\(e\.g\. no case1\.\* for .*case1\.npy; its label files are named like "
+                                         r"seg_case1\); name each label map like its image"):
+        list_images(images, labels=labels)
+    os.remove(labels / "seg_case1.png")
+    with pytest.raises(InputError, match="it holds no label file"):
+        list_images(images, labels=labels)
