@@ -281,7 +281,10 @@ def discover(raw_dir, table):
 
 
 def series_files(image_dir):
-    """``{series: {number: filename}}`` of the IM-SSSS-NNNN.dcm files in a folder."""
+    """``{series: {number: filename}}`` of the ``IM-SSSS-NNNN.dcm`` files in a folder.
+
+    ``series`` is the ``SSSS`` text (``"0004"``), ``number`` the image number ``NNNN`` as an int.
+    """
     by_series = {}
     for name in sorted(os.listdir(image_dir)):
         match = _IMAGE_RE.match(name)
@@ -291,7 +294,11 @@ def series_files(image_dir):
 
 
 def contour_files(contour_dir):
-    """``{number: {"i": path, "o": path}}`` of the contour files in a folder."""
+    """``{number: {"i": path, "o": path}}`` of the contour files in a folder (``{}`` when there is none).
+
+    ``number`` is the image number ``NNNN``; ``"i"`` the endocardium (inner) contour, ``"o"`` the
+    epicardium (outer).
+    """
     contours = {}
     if contour_dir and os.path.isdir(contour_dir):
         for name in sorted(os.listdir(contour_dir)):
