@@ -16,6 +16,9 @@ setup(
     packages=find_packages(include=["dirnet_tf", "dirnet_tf.*"]),
     package_data={"dirnet_tf": ["*.so"]},
     python_requires=">=3.10",
+    entry_points={"console_scripts": [
+        "dirnet-register = experiments.register:entry",
+    ]},
     install_requires=[
         "numpy",
         "scipy",

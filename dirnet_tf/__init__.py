@@ -19,5 +19,6 @@ from dirnet_tf.bspline import bspline_displacement, control_grid_shape
 from dirnet_tf.warping import identity_grid, warp
 from dirnet_tf import layers, losses, metrics
 from dirnet_tf.model import DIRNet
+from dirnet_tf.registration import ExportedModel, Result, load_model, register
 
 __version__ = "0.1.0"
