@@ -155,7 +155,7 @@ def test_elastix_text_fields():
 @pytest.mark.parametrize("shape, spacing", [((13, 9), 4), ((28, 28), 8), ((5, 7, 9), (2, 3, 4)),
                                              ((16, 17, 18), 4)])
 def test_control_grid_rule_matches_bspline(shape, spacing):
-    from dirnet_tf.bspline import control_grid_shape
+    from dirnet_tf.spline_np import control_grid_shape
 
     grid = control_grid_shape(shape, spacing)
     cp = np.zeros(grid + (len(shape),))

@@ -111,9 +111,9 @@ def test_basis_is_a_partition_of_unity_and_grid_rule_matches_bspline():
     total = sum(cubic_bspline(t - k) for k in (-2, -1, 0, 1, 2))
     np.testing.assert_allclose(total, 1.0, atol=1e-15)
     assert cubic_bspline(2.0) == 0.0 and cubic_bspline(0.0) == pytest.approx(2 / 3)
-    import dirnet_tf.bspline
+    import dirnet_tf
 
-    assert dirnet_tf.bspline.control_grid_shape is control_grid_shape  # one rule, used by the TF field
+    assert dirnet_tf.control_grid_shape is control_grid_shape  # one rule, also the TF field's
     assert dirnet_tf.control_grid_shape((13, 9), 4) == (6, 5) == control_grid_shape((13, 9), (4, 4))
     assert normalize_spacing(4, 3) == normalize_spacing([4], 3) == normalize_spacing(np.array([4.0, 4, 4]), 3)
     for bad, message in [(0, "positive"), ((4, 3), "2 entries"), ("four", "grid_spacing"), (2.5, "positive"),
