@@ -13,10 +13,13 @@ setup(
     description="DIRNet (de Vos et al. 2017) deformable image registration in TensorFlow/Keras",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["dirnet_tf", "dirnet_tf.*"]),
+    # The commands (experiments) and the data-set converters they use (data) are installed too, for
+    # the console scripts below; the library is dirnet_tf.
+    packages=find_packages(include=["dirnet_tf", "dirnet_tf.*", "experiments", "data"]),
     package_data={"dirnet_tf": ["*.so"]},
     python_requires=">=3.10",
     entry_points={"console_scripts": [
+        "dirnet-train = experiments.train:main",
         "dirnet-register = experiments.register:entry",
     ]},
     install_requires=[
