@@ -25,10 +25,14 @@ transform first.
 
 A model of composed steps gives one file per step
 (:func:`elastix_step_parameters`, in the model's order); chained through their
-initial transforms (the first file names the second, ...) they map a point
+initial transforms (the first file names the second, ...; :func:`elastix_chain`,
+which also puts every file on the fixed image's own grid) they map a point
 through the last step first, as the ITK composite of
 :func:`dirnet_tf.itk.itk_step_transforms`.
 """
+
+import os
+import re
 
 import numpy as np
 
@@ -42,6 +46,7 @@ __all__ = [
     "elastix_affine_parameters",
     "elastix_step_parameters",
     "write_elastix_transform",
+    "elastix_chain",
 ]
 
 
@@ -225,3 +230,63 @@ def write_elastix_transform(path, control_points, grid_spacing, affine, image_sh
             fh.write(text)
 
     return atomic_write(path, write)
+
+
+# --------------------------------------------------------------------------- #
+# Chains of parameter files
+# --------------------------------------------------------------------------- #
+
+
+def _replace_line(text, key, value):
+    pattern = re.compile(rf"^\({key} [^\n]*\)$", re.MULTILINE)
+    if not pattern.search(text):
+        raise RuntimeError(f"elastix parameter text has no ({key} ...) line")
+    return pattern.sub(lambda _: f"({key} {value})", text)
+
+
+def _fixed_grid_lines(text, grid):
+    ndim = len(grid["size"])
+    direction = np.reshape(grid["direction"], (ndim, ndim)).ravel(order="F")  # elastix: column-major
+    text = _replace_line(text, "Size", _ints(grid["size"]))
+    text = _replace_line(text, "Index", _ints([0] * ndim))
+    text = _replace_line(text, "Spacing", elastix_numbers(grid["spacing"]))
+    text = _replace_line(text, "Origin", elastix_numbers(grid["origin"]))
+    return _replace_line(text, "Direction", elastix_numbers(direction))
+
+
+def elastix_chain(texts, paths, fixed_grid):
+    """Link elastix parameter files into one transformix chain on the fixed image's grid.
+
+    Parameters
+    ----------
+    texts : list of str
+        Parameter files (e.g. :func:`elastix_step_parameters` on the FIXED model grid) in
+        warp order: ``texts[0]`` is the file given to transformix, and the initial transform
+        of each file is the next one.  With ``HowToCombineTransforms Compose`` elastix maps a
+        point through the initial transform first, so the chain is ``p -> T_0(T_1(...
+        T_n(p)))`` -- the order of an ITK ``CompositeTransform`` of the same list.
+    paths : list of str
+        Where each text is written (``paths[0]``: the main file).  Each file records the
+        absolute path of the next (transformix resolves relative names against its working
+        directory, not the file's folder).
+    fixed_grid : dict
+        The ITK geometry of the grid transformix resamples onto (the fixed image as ITK reads
+        it): ``size`` (voxels per ITK index axis), ``spacing`` (mm), ``origin`` (LPS mm),
+        ``direction`` (row-major, columns = index axes in LPS), e.g.
+        :func:`dirnet_tf.geometry.itk_grid`; it replaces ``Size`` / ``Index`` / ``Spacing`` /
+        ``Origin`` / ``Direction`` of every text.
+
+    Returns
+    -------
+    list of str
+        The linked texts, one per path.
+    """
+    out = []
+    for k, text in enumerate(texts):
+        text = _fixed_grid_lines(text, fixed_grid)
+        if k + 1 < len(texts):
+            initial = '"' + os.path.abspath(paths[k + 1]) + '"'
+            text = _replace_line(text, "InitialTransformParameterFileName", initial)
+            text = _replace_line(text, "InitialTransformParametersFileName", initial)
+        out.append(text)
+    return out

@@ -12,11 +12,12 @@ import pytest
 
 from dirnet_tf.elastix_params import (
     elastix_affine_parameters,
+    elastix_chain,
     elastix_step_parameters,
     elastix_transform_parameters,
     write_elastix_transform,
 )
-from dirnet_tf.itk import DEFAULT_MARGIN, itk_affine_transform, map_points_world
+from dirnet_tf.itk import DEFAULT_MARGIN, itk_affine_transform, itk_geometry, map_points_world
 from dirnet_tf.spline_np import map_points_bspline, map_points_chain
 from tests.transform_cases import (
     analytic,
@@ -180,3 +181,64 @@ def test_elastix_affine_parameters_are_the_itk_affine(sitk):
     assert elastix_step_parameters(steps[0], affine, shape, moving_affine=moving_affine) == text
     with pytest.raises(ValueError, match="a step must be"):
         map_points_chain([{"kind": "rigid"}], np.zeros((1, 3)))
+
+
+def _fields(text):
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\((\w+) (.*)\)$", text, re.M)}
+
+
+def test_elastix_chain_links_files_and_sets_the_fixed_grid(tmp_path):
+    shape, affine, _, steps = chain_case(2)
+    texts = [elastix_step_parameters(step, affine, shape) for step in steps]
+    paths = [str(tmp_path / f"TransformParameters.{k}.txt") for k in range(len(texts))]
+    fixed_grid = {"size": [30, 25], "spacing": [0.5, 2.0], "origin": [1.0, -3.5], "direction": [0.0, 1.0, 1.0, 0.0]}
+    linked = elastix_chain(texts, paths, fixed_grid)
+    assert len(linked) == 3
+    for k, text in enumerate(linked):
+        fields = _fields(text)
+        assert fields["Size"] == "30 25" and fields["Index"] == "0 0"
+        assert fields["Spacing"] == "0.5 2.0" and fields["Origin"] == "1.0 -3.5"
+        assert fields["Direction"] == "0.0 1.0 1.0 0.0"  # column-major of the row-major [[0, 1], [1, 0]]
+        initial = f'"{os.path.abspath(paths[k + 1])}"' if k + 1 < len(paths) else '"NoInitialTransform"'
+        assert fields["InitialTransformParametersFileName"] == initial
+        assert fields["InitialTransformParameterFileName"] == initial
+        # Everything else is the step's own text.
+        own = _fields(texts[k])
+        replaced = {"Size", "Spacing", "Origin", "Direction", "InitialTransformParametersFileName",
+                    "InitialTransformParameterFileName"}
+        assert fields.keys() == own.keys()
+        assert {key: v for key, v in fields.items() if key not in replaced} == \
+            {key: v for key, v in own.items() if key not in replaced}
+    with pytest.raises(RuntimeError, match=r"no \(Size \.\.\.\) line"):
+        elastix_chain(["(Transform \"AffineTransform\")\n"], paths[:1], fixed_grid)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_transformix_applies_a_chain_like_map_points_chain(itk, tmp_path, ndim):
+    """A chain of elastix files (affine step, two B-spline steps) maps points as :func:`map_points_chain`."""
+    shape, affine, _, steps = chain_case(ndim)
+    geometry = itk_geometry(affine, ndim)
+    fixed_grid = {"size": list(shape), "spacing": list(geometry["spacing"]), "origin": list(geometry["origin"]),
+                  "direction": list(geometry["direction"])}
+    paths = [str(tmp_path / f"TransformParameters.{k}.txt") for k in range(len(steps))]
+    texts = elastix_chain([elastix_step_parameters(step, affine, shape) for step in steps], paths, fixed_grid)
+    for path, text in zip(paths, texts):
+        with open(path, "w") as fh:
+            fh.write(text)
+    image = itk.image_from_array(np.zeros(shape[::-1], np.float32))
+    image.SetSpacing(fixed_grid["spacing"])
+    image.SetOrigin(fixed_grid["origin"])
+    image.SetDirection(itk.matrix_from_array(np.reshape(fixed_grid["direction"], (ndim, ndim))))
+    vox = np.random.default_rng(14).uniform(0, np.asarray(shape) - 1, (20, ndim))
+    lin, off = affine[:ndim, :ndim], affine[:ndim, 3]
+    flip = np.array([-1.0, -1.0, 1.0])[:ndim]
+    points_file = str(tmp_path / "points.txt")
+    write_transformix_points(points_file, (vox @ lin.T + off) * flip)
+    out_dir = str(tmp_path / "out")
+    os.makedirs(out_dir)
+    itk.transformix_pointset(image, parameter_object(itk, paths[0]), fixed_point_set_file_name=points_file,
+                             output_directory=out_dir, log_to_console=False)
+    got = read_transformix_points(os.path.join(out_dir, "outputpoints.txt")) * flip
+    expected = map_points_chain(steps, vox) @ lin.T + off
+    report(f"transformix chain {ndim}-D vs map_points_chain (mm)", got - expected)
+    np.testing.assert_allclose(got, expected, atol=1e-3)  # outputpoints.txt: about 6 significant digits
