@@ -222,7 +222,7 @@ def write_field(tmp, field, image, ext):
     field : array ``[*fixed_shape, ndim]``
         For ``.npy``: moving voxel index minus fixed voxel index (ij order,
         float32).  For NIfTI/MHA/NRRD: the displacement in voxels of the fixed
-        grid (ij order) that :func:`dirnet_tf.transforms.write_displacement_field`
+        grid (ij order) that :func:`dirnet_tf.field_images.write_displacement_field`
         turns into mm along the LPS axes (ITK's convention).
     """
     if ext == ".npy":
@@ -289,7 +289,7 @@ def elastix_chain(texts, paths, fixed_grid):
     Parameters
     ----------
     texts : list of str
-        Parameter files (e.g. :func:`dirnet_tf.transforms.elastix_step_parameters` on the FIXED
+        Parameter files (e.g. :func:`dirnet_tf.elastix_params.elastix_step_parameters` on the FIXED
         model grid) in warp order: ``texts[0]`` is the file given to transformix, and the initial
         transform of each file is the next one.  With ``HowToCombineTransforms Compose`` elastix
         maps a point through the initial transform first, so the chain is

@@ -82,7 +82,7 @@ grey, other values as float TIFF).
 fixed index; so ``W = map_coordinates(M, grid + D)`` on M's own voxel grid);
 ``.nii.gz``/``.nii``/``.mha``/``.nrrd`` = the displacement in **mm along the
 ITK LPS axes** from each fixed voxel's world position to its moving point, on
-the fixed grid (:func:`dirnet_tf.transforms.write_displacement_field`), which
+the fixed grid (:func:`dirnet_tf.field_images.write_displacement_field`), which
 ``SimpleITK.DisplacementFieldTransform`` reads as the fixed -> moving point map.
 This assumes F and M live in one physical space (both with patient geometry,
 or both without, in the pixel space described below).
@@ -163,7 +163,6 @@ The same engine, from a script (:mod:`dirnet_tf.registration`)::
     result.save(out="w.png", displacement="d.npy")          # what the same flags write
 """
 
-import os
 import sys
 
 from absl import flags
@@ -220,7 +219,9 @@ def main(argv):
         missing = [n for n in ("model", "fixed", "moving", "out") if not FLAGS[n].value]
     if missing:
         return _usage_error("missing " + ", ".join("--" + n for n in missing))
-    _quiet_tensorflow()
+    from dirnet_tf.console import import_tensorflow_quietly
+
+    import_tensorflow_quietly()  # TensorFlow's start-up lines hidden unless the user set TF_CPP_MIN_LOG_LEVEL
     from dirnet_tf.register_jobs import Job, check_jobs, read_pairs
     from dirnet_tf.registration import load_model, run_jobs
 
@@ -240,11 +241,6 @@ def main(argv):
         print(f"{prefix}NCC {s['ncc_before']:.4f} -> {s['ncc_after']:.4f}, folding {100 * s['folding']:.2f}% "
               f"of {'pixels' if model.ndim == 2 else 'voxels'}; wrote {', '.join(written)}")
     return 0
-
-
-def _quiet_tensorflow():
-    """Hide TensorFlow's start-up log lines unless the user set ``TF_CPP_MIN_LOG_LEVEL`` (before importing it)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def entry(argv=None):

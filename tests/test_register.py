@@ -18,7 +18,7 @@ from experiments import register
 
 pytest.register_assert_rewrite("register_fixtures")
 from register_fixtures import (  # noqa: E402 - after the assert-rewrite registration
-    digit, run_cli, run_main, oblique_affine, smooth, nifti, nifti_pair, voxel_grid, reference_mapping,
+    REPO, digit, run_cli, run_main, oblique_affine, smooth, nifti, nifti_pair, voxel_grid, reference_mapping,
     inside_image, listing, world_points, ChainReference, points_csv)
 
 pytest_plugins = ["register_fixtures"]
@@ -550,3 +550,43 @@ def test_mnist_default_export_gives_points_and_transforms(tmp_path):
     diff = np.abs(resampled / 255.0 - warped[..., 0])[inside].max()
     print(f"MNIST default: SimpleITK through t.tfm vs the served warped image: {diff:.3g}")
     assert diff < 0.03  # the digits' rings change by up to ~1 per pixel
+
+
+def test_help_shows_the_documentation_and_every_flag_without_tensorflow():
+    """``--help`` prints the module docstring (the user documentation) and every flag, and neither it
+    nor importing the command loads TensorFlow (so it starts in about a second).
+
+    Plausible bugs caught: the one-line summary only (issue 25), a flag missing from the help,
+    TensorFlow imported at module level again (``--help`` took 14 s).
+    """
+    import subprocess
+    import sys
+
+    proc = run_cli(["--help"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for section in ("Inputs\n------", "Geometry\n--------", "Python API", "Bad input (an unreadable file"):
+        assert section in proc.stdout, section
+    for name in register.PAIR_COLUMNS + ("model", "pairs", "batch_size"):
+        assert f"--{name}:" in proc.stdout, name
+    code = "import sys, experiments.register; print('tensorflow' in sys.modules)"
+    probe = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "False", probe.stderr[-2000:]
+
+
+def test_a_run_prints_no_tensorflow_startup_lines(tmp_path, export_dir):
+    """Without ``TF_CPP_MIN_LOG_LEVEL`` set by the user, a CPU run's standard error is empty: no
+    ``cuInit`` error, oneDNN / cpu_feature_guard / absl::InitializeLog lines (issue 25).
+    """
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(12)
+    Image.fromarray(digit(rng)).save(tmp_path / "a.png")
+    Image.fromarray(digit(rng)).save(tmp_path / "b.png")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-m", "experiments.register", f"--model={export_dir}",
+                           f"--fixed={tmp_path / 'a.png'}", f"--moving={tmp_path / 'b.png'}",
+                           f"--out={tmp_path / 'w.png'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "NCC" in proc.stdout, proc.stderr[-3000:]
+    assert proc.stderr.strip() == "", proc.stderr[-3000:]
