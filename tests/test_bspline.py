@@ -9,16 +9,7 @@ import tensorflow as tf
 
 import dirnet_tf
 from dirnet_tf.bspline import bspline_derivative
-
-
-def beta3_ref(t):
-    """Uniform cubic B-spline, written out piece by piece."""
-    t = abs(float(t))
-    if t < 1:
-        return 2.0 / 3.0 - t * t + t**3 / 2.0
-    if t < 2:
-        return (2.0 - t) ** 3 / 6.0
-    return 0.0
+from tests.transform_cases import beta3_reference as beta3_ref
 
 
 def explicit_field(cp, image_shape, spacing, beta=beta3_ref):
@@ -43,23 +34,6 @@ CASES = [
     ((10, 6), (4, 4)),
     ((5, 6, 7), (2, 3, 4)),
 ]
-
-
-@pytest.mark.parametrize("shape,spacing", [((28, 28), 8), ((7, 9), (3, 2)), ((5, 6, 7), (2, 3, 4)),
-                                           ((1, 17), (5, 1))])
-def test_control_grid_shape_covers_every_support(shape, spacing):
-    grid = dirnet_tf.control_grid_shape(shape, spacing)
-    s = spacing if isinstance(spacing, tuple) else (spacing,) * len(shape)
-    for n, sd, k in zip(shape, s, grid):
-        assert k == math.ceil((n - 1) / sd) + 3
-        # Every control point influences some pixel and every pixel's support
-        # (the knots k with |x/s - k + 1| < 2) lies inside the grid.
-        used = set()
-        for x in range(n):
-            support = [j for j in range(-5, k + 5) if beta3_ref(x / sd - j + 1) != 0.0]
-            assert min(support) >= 0 and max(support) <= k - 1
-            used.update(support)
-        assert used == set(range(k))
 
 
 @pytest.mark.parametrize("shape,spacing", CASES)
@@ -199,9 +173,5 @@ def test_bad_input():
         dirnet_tf.bspline_displacement(np.zeros((1, 5, 7, 2), np.float32), (10, 12), 3)
     with pytest.raises(ValueError, match="one displacement component"):
         dirnet_tf.bspline_displacement(np.zeros((1, 6, 7, 3), np.float32), (10, 12), 3)
-    with pytest.raises(ValueError, match="positive"):
-        dirnet_tf.control_grid_shape((10, 12), 0)
-    with pytest.raises(ValueError, match="2 entries|spatial axes"):
-        dirnet_tf.control_grid_shape((10, 12), (2, 2, 2))
     with pytest.raises(ValueError, match="displacement"):
         dirnet_tf.warp(np.zeros((1, 4, 4, 1), np.float32), np.zeros((1, 4, 5, 2), np.float32))

@@ -1,5 +1,7 @@
 """The numpy spline (dirnet_tf.spline_np): basis, grid rule, exact evaluation, chains, recovery."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -18,6 +20,7 @@ from dirnet_tf.spline_np import (
     spline_on_axes,
 )
 from tests.transform_cases import (
+    beta3_reference,
     brute_force,
     case,
     chain_case,
@@ -106,7 +109,24 @@ def test_numpy_spline_equals_tensorflow_field(shape, spacing):
     np.testing.assert_allclose(out, _tf_field(cp, shape, spacing, orders), rtol=0, atol=1e-10)
 
 
-def test_basis_is_a_partition_of_unity_and_grid_rule_matches_bspline():
+@pytest.mark.parametrize("shape,spacing", [((28, 28), 8), ((7, 9), (3, 2)), ((5, 6, 7), (2, 3, 4)),
+                                           ((1, 17), (5, 1))])
+def test_control_grid_shape_covers_every_support(shape, spacing):
+    grid = control_grid_shape(shape, spacing)
+    s = spacing if isinstance(spacing, tuple) else (spacing,) * len(shape)
+    for n, sd, k in zip(shape, s, grid):
+        assert k == math.ceil((n - 1) / sd) + 3
+        # Every control point influences some pixel and every pixel's support
+        # (the knots k with |x/s - k + 1| < 2) lies inside the grid.
+        used = set()
+        for x in range(n):
+            support = [j for j in range(-5, k + 5) if beta3_reference(x / sd - j + 1) != 0.0]
+            assert min(support) >= 0 and max(support) <= k - 1
+            used.update(support)
+        assert used == set(range(k))
+
+
+def test_basis_partition_of_unity_and_spacing_rule():
     t = np.linspace(0, 1, 11)
     total = sum(cubic_bspline(t - k) for k in (-2, -1, 0, 1, 2))
     np.testing.assert_allclose(total, 1.0, atol=1e-15)
@@ -116,6 +136,10 @@ def test_basis_is_a_partition_of_unity_and_grid_rule_matches_bspline():
     assert dirnet_tf.control_grid_shape is control_grid_shape  # one rule, also the TF field's
     assert dirnet_tf.control_grid_shape((13, 9), 4) == (6, 5) == control_grid_shape((13, 9), (4, 4))
     assert normalize_spacing(4, 3) == normalize_spacing([4], 3) == normalize_spacing(np.array([4.0, 4, 4]), 3)
+    with pytest.raises(ValueError, match="positive"):  # from test_bspline's test_bad_input
+        control_grid_shape((10, 12), 0)
+    with pytest.raises(ValueError, match="2 entries|spatial axes"):
+        control_grid_shape((10, 12), (2, 2, 2))
     for bad, message in [(0, "positive"), ((4, 3), "2 entries"), ("four", "grid_spacing"), (2.5, "positive"),
                          (True, "grid_spacing")]:
         with pytest.raises(ValueError, match=message):

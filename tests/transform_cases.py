@@ -94,12 +94,19 @@ def inside_grid(u, shape):
     return np.all((pos >= 0) & (pos <= np.asarray(shape) - 1), axis=-1)
 
 
+def beta3_reference(t):
+    """Uniform cubic B-spline of one number, written out piece by piece (independent of the library)."""
+    t = abs(float(t))
+    if t < 1:
+        return 2.0 / 3.0 - t * t + t**3 / 2.0
+    if t < 2:
+        return (2.0 - t) ** 3 / 6.0
+    return 0.0
+
+
 def brute_force(cp, spacing, points):
     """Independent evaluation: the full double sum / triple sum over every control point."""
-    def beta(t):
-        t = abs(t)
-        return 2 / 3 - t * t + t ** 3 / 2 if t < 1 else ((2 - t) ** 3 / 6 if t < 2 else 0.0)
-
+    beta = beta3_reference
     out = []
     for x in np.asarray(points, float).reshape(-1, cp.shape[-1]):
         u = np.zeros(cp.shape[-1])
