@@ -33,15 +33,16 @@ import weakref
 import numpy as np
 
 __all__ = [
-    "BASELINE_DIR", "SETTINGS_FILE", "INSTALL_HINT", "import_itk", "elastix_available", "load_settings",
+    "BASELINE_DIR", "SETTINGS_FILE", "ELASTIX_INSTALL_HINT", "import_itk", "elastix_available", "load_settings",
     "parameter_file", "ElastixRegistration", "register_pairs",
 ]
 
-#: The committed elastix settings of the repository (``baselines/elastix`` beside ``dirnet_tf``).
+#: The committed elastix settings: ``baselines/elastix`` beside ``dirnet_tf`` (a repository checkout or an
+#: editable install; elsewhere pass ``parameter_file`` and ``threads`` explicitly).
 BASELINE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "baselines", "elastix")
 #: Threads per registration and the parameter file of each grid spacing.
 SETTINGS_FILE = os.path.join(BASELINE_DIR, "settings.json")
-INSTALL_HINT = "install it with `pip install -e .[baselines]` (or `pip install itk-elastix`)"
+ELASTIX_INSTALL_HINT = "install it with `pip install -e .[baselines]` (or `pip install itk-elastix`)"
 
 
 def import_itk():
@@ -61,7 +62,7 @@ def import_itk():
         import itk  # noqa: PLC0415 - optional dependency
         itk.ElastixRegistrationMethod  # noqa: B018 - lazy attribute; fails without itk-elastix
     except (ImportError, AttributeError) as exc:
-        raise ImportError(f"the elastix baseline needs the package itk-elastix: {INSTALL_HINT} "
+        raise ImportError(f"the elastix baseline needs the package itk-elastix: {ELASTIX_INSTALL_HINT} "
                           f"({type(exc).__name__}: {exc})") from exc
     return itk
 
