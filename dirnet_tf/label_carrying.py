@@ -63,43 +63,57 @@ def carry_labels_one_hot(labels, positions, boundary="border"):
     return out
 
 
-def _carry_block(labels, pos, boundary):
-    """:func:`carry_labels` of positions ``pos`` ``[ndim, n]``."""
+def _carry_block(flat_labels, shape, pos, boundary):
+    """:func:`carry_labels` of positions ``pos`` ``[ndim, n]`` in a map of ``shape`` (raveled: ``flat_labels``)."""
     ndim, n = pos.shape
+    strides = np.cumprod((1,) + tuple(shape[:0:-1]))[::-1]  # C order, in elements
     base = np.floor(pos)
     frac = pos - base
     base = base.astype(np.int64)
-    corners = list(itertools.product((0, 1), repeat=ndim))
-    corner_labels = np.empty((len(corners), n), dtype=np.int64)
-    corner_weights = np.empty((len(corners), n))
-    for c, offsets in enumerate(corners):
-        weight = np.ones(n)
-        inside = np.ones(n, dtype=bool)
-        index = []
-        for d, o in enumerate(offsets):
+    # Per axis: the two corner offsets (flat index parts) and their multilinear weights.
+    parts = []
+    for d in range(ndim):
+        weights = []
+        offsets = []
+        for o in (0, 1):
             i = base[d] + o
-            weight *= frac[d] if o else 1.0 - frac[d]
-            if boundary == "zeros":
-                inside &= (i >= 0) & (i < labels.shape[d])
-            index.append(np.clip(i, 0, labels.shape[d] - 1))
-        corner_labels[c] = labels[tuple(index)]
-        corner_weights[c] = np.where(inside, weight, 0.0)
-    # The weight of each corner's label: the sum over the corners holding the same label.
-    totals = np.zeros_like(corner_weights)
-    for c in range(len(corners)):
-        same = corner_labels == corner_labels[c]
-        totals[c] = np.sum(np.where(same, corner_weights, 0.0), axis=0)
-    # Labels in ascending order, each taking over only with a weight above the best so far (as the
-    # one-hot definition, which visits the labels in ascending order).
-    order = np.argsort(corner_labels, axis=0, kind="stable")
-    corner_labels = np.take_along_axis(corner_labels, order, axis=0)
-    totals = np.take_along_axis(totals, order, axis=0)
+            w = frac[d] if o else 1.0 - frac[d]
+            if boundary == "zeros":  # a corner outside holds no label
+                w = np.where((i >= 0) & (i < shape[d]), w, 0.0)
+            weights.append(w)
+            offsets.append(np.clip(i, 0, shape[d] - 1) * strides[d])
+        parts.append((offsets, weights))
+    corners = list(itertools.product((0, 1), repeat=ndim))
+    corner_labels = np.empty((n, len(corners)), dtype=flat_labels.dtype)
+    corner_weights = np.empty((n, len(corners)))
+    for c, choice in enumerate(corners):
+        index = parts[0][0][choice[0]]
+        weight = parts[0][1][choice[0]]
+        for d in range(1, ndim):
+            index = index + parts[d][0][choice[d]]
+            weight = weight * parts[d][1][choice[d]]
+        corner_labels[:, c] = np.take(flat_labels, index)
+        corner_weights[:, c] = weight
+    # Corners in ascending label order: a label's weight is the sum over its run of corners, and the
+    # labels are visited in ascending order, each taking over only with a weight above the best so far
+    # (as the one-hot definition, which visits the labels in ascending order).
+    order = np.argsort(corner_labels, axis=1, kind="stable")
+    corner_labels = np.take_along_axis(corner_labels, order, axis=1)
+    corner_weights = np.take_along_axis(corner_weights, order, axis=1)
     best = np.zeros(n)
     out = np.zeros(n, dtype=np.int64)
+    total = np.zeros(n)
+    last = len(corners) - 1
     for c in range(len(corners)):
-        better = totals[c] > best + TIE_TOLERANCE
-        out[better] = corner_labels[c][better]
-        best = np.maximum(best, totals[c])
+        label = corner_labels[:, c]
+        total = corner_weights[:, c] + (np.where(label == corner_labels[:, c - 1], total, 0.0) if c else 0.0)
+        if c < last:
+            candidate = np.where(label != corner_labels[:, c + 1], total, -1.0)  # the run of this label ends
+        else:
+            candidate = total
+        better = candidate > best + TIE_TOLERANCE
+        out[better] = label[better]
+        best = np.maximum(best, candidate)
     return out
 
 
@@ -108,7 +122,7 @@ def carry_labels(labels, positions, boundary="border"):
 
     Gives the output of :func:`carry_labels_one_hot` (the same corner weights, summed in
     another order: the decisions agree unless two labels' weights differ by about 1e-12 +- 1e-16)
-    at ``O(4^ndim)`` work per position, whatever the number of labels.
+    at ``O(2^ndim)`` work per position (and a sort of the ``2^ndim`` corner labels), whatever the number of labels.
 
     Parameters
     ----------
@@ -125,8 +139,8 @@ def carry_labels(labels, positions, boundary="border"):
     ndim = labels.ndim
     flat = positions.reshape(ndim, -1)
     out = np.zeros(flat.shape[1], dtype=np.int64)
-    labels = labels.astype(np.int64, copy=False)
+    flat_labels = np.ascontiguousarray(labels).ravel()
     for start in range(0, flat.shape[1], _CHUNK):
         block = slice(start, start + _CHUNK)
-        out[block] = _carry_block(labels, flat[:, block], boundary)
+        out[block] = _carry_block(flat_labels, labels.shape, flat[:, block], boundary)
     return out.reshape(positions.shape[1:])
