@@ -22,7 +22,7 @@ import tensorflow as tf
 from dirnet_tf.pair_plans import PairingError, pair_index_array, require_two_images
 
 # Shim: the pairing plans moved to dirnet_tf.pair_plans; re-exported here only until every
-# importer (experiments/train.py) imports them from there.
+# importer (dirnet_tf/train_data.py) imports them from there.
 from dirnet_tf.pair_plans import (  # noqa: F401,E402
     PAIR_MODES, SPLIT_NAMES, evaluation_pairs, find_image, pair_candidates, parse_pairs_spec, parse_split,
     read_pair_list, split_by_group, split_within_groups)
