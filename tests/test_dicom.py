@@ -5,6 +5,7 @@ definition (DICOM PS3.3 C.7.6.2.1.1 for the patient position of a pixel), not
 against the reader's own helpers.  Skipped when pydicom is absent.
 """
 
+import pathlib
 import warnings
 
 import numpy as np
@@ -219,7 +220,7 @@ def test_public_dataset_pixels_and_plane_geometry(tmp_path):
                                atol=1e-9)
     # A DICOM file without extension is recognised by its magic bytes; other files are not.
     bare = tmp_path / "IM0001"
-    bare.write_bytes(open(path, "rb").read())
+    bare.write_bytes(pathlib.Path(path).read_bytes())
     (tmp_path / "README").write_text("not DICOM")
     assert dicom.is_dicom_file(bare) and not dicom.is_dicom_file(tmp_path / "README")
     assert dicom.list_dicom_files(str(tmp_path)) == [str(bare), path]

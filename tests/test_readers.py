@@ -8,6 +8,7 @@ collections (folders, lists, labels) in ``test_image_lists.py``.
 """
 
 import os
+import pathlib
 import sys
 
 import h5py
@@ -232,7 +233,7 @@ def test_nifti_without_codes_uses_the_voxel_sizes(tmp_path):
 
 def test_corrupt_files_name_the_file(tmp_path):
     good = write_png(tmp_path / "ok.png", np.zeros((16, 16), np.uint8))
-    data = open(good, "rb").read()
+    data = pathlib.Path(good).read_bytes()
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageReadError, match="truncated.png"):
