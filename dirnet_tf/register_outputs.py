@@ -16,11 +16,10 @@ target; :meth:`Staging.commit` renames them all, :meth:`Staging.abort` removes t
 """
 
 import os
-import re
 
 import numpy as np
 
-from dirnet_tf.elastix_params import elastix_affine_parameters, elastix_numbers, elastix_step_parameters
+from dirnet_tf.elastix_params import elastix_affine_parameters, elastix_chain, elastix_step_parameters
 from dirnet_tf.field_images import write_displacement_field
 from dirnet_tf.files import file_extension, temporary_name
 from dirnet_tf.geometry import image_affine, itk_grid, model_affine
@@ -31,7 +30,7 @@ from dirnet_tf.register_errors import RegisterError
 
 __all__ = ["IMAGE_EXTENSIONS", "FIELD_EXTENSIONS", "TRANSFORM_EXTENSIONS", "FIGURE_EXTENSIONS", "OUTPUT_EXTENSIONS",
            "output_extension", "check_writable", "Staging", "write_array", "write_field", "write_model_image",
-           "model_affines", "itk_transforms", "elastix_chain", "elastix_parameters", "elastix_paths",
+           "model_affines", "itk_transforms", "elastix_parameters", "elastix_paths",
            "save_figure", "write_outputs"]
 
 #: Output extensions per kind of output (lower case; compound extensions first).
@@ -266,63 +265,11 @@ def itk_transforms(model, result):
             + itk_step_transforms(steps, fixed_model, model.shape))
 
 
-def _replace_line(text, key, value):
-    pattern = re.compile(rf"^\({key} [^\n]*\)$", re.MULTILINE)
-    if not pattern.search(text):
-        raise RuntimeError(f"elastix parameter text has no ({key} ...) line")
-    return pattern.sub(lambda _: f"({key} {value})", text)
-
-
-def _fixed_grid_lines(text, grid):
-    ndim = len(grid["size"])
-    direction = np.reshape(grid["direction"], (ndim, ndim)).ravel(order="F")  # elastix: column-major
-    text = _replace_line(text, "Size", " ".join(str(int(n)) for n in grid["size"]))
-    text = _replace_line(text, "Index", " ".join("0" for _ in range(ndim)))
-    text = _replace_line(text, "Spacing", elastix_numbers(grid["spacing"]))
-    text = _replace_line(text, "Origin", elastix_numbers(grid["origin"]))
-    return _replace_line(text, "Direction", elastix_numbers(direction))
-
-
-def elastix_chain(texts, paths, fixed_grid):
-    """Link elastix parameter files into one transformix chain on the fixed image's grid.
-
-    Parameters
-    ----------
-    texts : list of str
-        Parameter files (e.g. :func:`dirnet_tf.elastix_params.elastix_step_parameters` on the FIXED
-        model grid) in warp order: ``texts[0]`` is the file given to transformix, and the initial
-        transform of each file is the next one.  With ``HowToCombineTransforms Compose`` elastix
-        maps a point through the initial transform first, so the chain is
-        ``p -> T_0(T_1(... T_n(p)))`` -- the order of an ITK ``CompositeTransform`` of the same list.
-    paths : list of str
-        Where each text is written (``paths[0]``: the main file).  Each file records the
-        absolute path of the next (transformix resolves relative names against its working
-        directory, not the file's folder).
-    fixed_grid : dict
-        :func:`dirnet_tf.geometry.itk_grid` of the fixed image: the grid transformix resamples
-        onto (replaces the model grid in ``Size`` / ``Spacing`` / ``Origin`` / ``Direction``).
-
-    Returns
-    -------
-    list of str
-        The linked texts, one per path.
-    """
-    out = []
-    for k, text in enumerate(texts):
-        text = _fixed_grid_lines(text, fixed_grid)
-        if k + 1 < len(texts):
-            initial = '"' + os.path.abspath(paths[k + 1]) + '"'
-            text = _replace_line(text, "InitialTransformParameterFileName", initial)
-            text = _replace_line(text, "InitialTransformParametersFileName", initial)
-        out.append(text)
-    return out
-
-
 def elastix_parameters(model, result, path):
     """``[(path, text), ...]`` of ``--elastix_transform=path``: the file for transformix first, then its chain.
 
     The geometry step (when F's and M's model grids differ), then every step, linked by
-    :func:`elastix_chain` and named by :func:`elastix_paths`.
+    :func:`dirnet_tf.elastix_params.elastix_chain` and named by :func:`elastix_paths`.
     """
     steps = model_steps(result, "--elastix_transform")
     fixed_model, moving_model = model_affines(result)
