@@ -9,7 +9,12 @@ The worked examples (``experiments.echo``, ``experiments.brain3d``) compare meth
 * :func:`scores_by_gap` -- per-pair values averaged per frame gap of sequence pairs;
 * :func:`warp_and_score` -- any method's field applied with DIRNet's resampler and scored
   (:func:`dirnet_tf.evaluation.field_scores`), against the true field of synthetic pairs
-  (:func:`dirnet_tf.evaluation.synthetic_scores`) and with the Dice of carried masks.
+  (:func:`dirnet_tf.evaluation.synthetic_scores`) and with the Dice of carried masks;
+* :func:`compare_on_synthetic_pairs` and :func:`compare_on_real_pairs` -- an export and a baseline
+  (a callable, e.g. :func:`dirnet_tf.elastix.register_pairs` with its settings) on the same pairs.
+
+A baseline is ``baseline(fixed, moving) -> {"displacement": [N, *spatial, ndim], "seconds": [N]}``
+(the convention of :func:`dirnet_tf.elastix.register_pairs`).
 
 Displacements are backward fields in voxels of the model grid, ij (array) order, ``[P,
 *spatial, ndim]``: ``warped(x) = moving(x + u(x))``; ``*_mm`` values multiply them by the grid
@@ -22,7 +27,7 @@ from dirnet_tf import evaluation, metrics
 from dirnet_tf.warping import compose_displacements, warp, warp_labels
 
 __all__ = ["cycle_residual", "reverse_pair_indices", "masked_ncc", "masked_registration_scores", "scores_by_gap",
-           "warp_and_score"]
+           "warp_and_score", "compare_on_synthetic_pairs", "compare_on_real_pairs"]
 
 
 def cycle_residual(forward, backward, mask=None, spacing=None):
@@ -174,3 +179,90 @@ def warp_and_score(fixed, moving, displacement, spacing, boundary="border", test
         out["brain_dice_before"] = float(np.mean([metrics.dice(f, m)["mean"] for f, m in zip(fixed_mask, moving_mask)]))
         out["brain_dice_after"] = float(np.mean([metrics.dice(f, c)["mean"] for f, c in zip(fixed_mask, carried)]))
     return out, warped
+
+
+def compare_on_synthetic_pairs(fn, test, spacing, boundary="border", timing_batch_size=8, baseline=None,
+                               baseline_pairs=0, baseline_name="elastix"):
+    """An export on synthetic pairs with known true fields, and a baseline on the first pairs.
+
+    Parameters
+    ----------
+    fn : keras.Model or SavedModel signature
+    test : dict
+        Synthetic pairs (:func:`dirnet_tf.train_data.synthetic_plan`): ``fixed``, ``moving``, true
+        ``displacement`` (voxels, ij), optional ``region`` and labels.
+    spacing : sequence of float (mm per axis)
+    boundary : str
+    timing_batch_size : int
+    baseline : callable or None
+        See the module docstring; run on the first ``baseline_pairs`` pairs (none when 0 or None).
+    baseline_name : str
+        Key of the baseline's scores.
+
+    Returns
+    -------
+    (dict, dict)
+        The report (``dirnet``: :func:`dirnet_tf.evaluation.evaluate_test_pairs`; with a baseline
+        also ``baseline_name``: :func:`warp_and_score` with ``seconds_per_volume`` (median) and
+        ``seconds_per_volume_mean``, and ``dirnet_same_pairs``: the export's scores on those
+        pairs) and the first pair for a figure (``fixed``, ``moving``, ``dirnet_warped``,
+        ``dirnet_displacement``, ``true_displacement``, ``epe`` mm, ``baseline_warped``).
+    """
+    from dirnet_tf.evaluation import evaluate_test_pairs
+
+    result, pred = evaluate_test_pairs(fn, None, test, boundary, spacing, timing_batch_size)
+    report = {"dirnet": result}
+    figure = {"fixed": test["fixed"][0], "moving": test["moving"][0], "dirnet_warped": pred["warped"][0],
+              "dirnet_displacement": pred["displacement"][0], "true_displacement": test["displacement"][0],
+              "epe": pred["epe_mm"][0]}
+    count = min(int(baseline_pairs or 0), len(test["fixed"]))
+    if baseline is not None and count > 0:
+        subset = {k: v[:count] for k, v in test.items()}
+        out = baseline(subset["fixed"], subset["moving"])
+        scores, warped = warp_and_score(subset["fixed"], subset["moving"], out["displacement"], spacing, boundary,
+                                        subset)
+        scores.update(seconds_per_volume=float(np.median(out["seconds"])),
+                      seconds_per_volume_mean=float(np.mean(out["seconds"])))
+        same, _ = warp_and_score(subset["fixed"], subset["moving"], pred["displacement"][:count], spacing, boundary,
+                                 subset)
+        report.update({baseline_name: scores, "dirnet_same_pairs": same})
+        figure["baseline_warped"] = warped[0]
+    return report, figure
+
+
+def compare_on_real_pairs(fn, fixed, moving, fixed_mask, moving_mask, spacing, boundary="border", baseline=None,
+                          baseline_name="elastix"):
+    """An export and a baseline on real pairs with masks: NCC, folding, mask Dice before / after.
+
+    Parameters
+    ----------
+    fn : keras.Model or SavedModel signature
+    fixed, moving : arrays ``[P, *spatial, 1]``
+    fixed_mask, moving_mask : arrays of bool ``[P, *spatial]``
+    spacing : sequence of float (mm per axis)
+    boundary : str
+    baseline : callable or None (see the module docstring)
+    baseline_name : str
+
+    Returns
+    -------
+    (dict, dict)
+        ``{"dirnet": scores, baseline_name: scores with seconds_per_volume (first pair)}``
+        (:func:`warp_and_score`) and the first pair for a figure (``fixed``, ``moving``,
+        ``dirnet_warped``, ``dirnet_displacement``, ``baseline_warped``).
+    """
+    from dirnet_tf.inference import predict
+
+    masks = {"fixed_mask": fixed_mask, "moving_mask": moving_mask}
+    pred = predict(fn, fixed, moving, batch_size=1)
+    dirnet, warped = warp_and_score(fixed, moving, pred["displacement"], spacing, boundary, **masks)
+    row = {"dirnet": dirnet}
+    figure = {"fixed": fixed[0], "moving": moving[0], "dirnet_warped": warped[0],
+              "dirnet_displacement": pred["displacement"][0]}
+    if baseline is not None:
+        out = baseline(fixed, moving)
+        scores, baseline_warped = warp_and_score(fixed, moving, out["displacement"], spacing, boundary, **masks)
+        scores["seconds_per_volume"] = float(out["seconds"][0])
+        row[baseline_name] = scores
+        figure["baseline_warped"] = baseline_warped[0]
+    return row, figure

@@ -4,7 +4,8 @@
 * :func:`save_pair_figure` -- fixed / moving / warped / deformation grid of 2-D pairs
   (:func:`dirnet_tf.plotting.registration_figure`) saved as an image;
 * :func:`save_orthogonal_slices` -- rows of the three central orthogonal slices of RAS volumes
-  (images, a deformation grid over the moving image, an error map), with :func:`display_slice`
+  (images, a deformation grid over the moving image, an error map; :func:`registration_slice_panels`
+  lays out one registration), with :func:`display_slice`
   and :func:`display_slice_field` turning a slice and a field's in-plane components into display
   order (superior / anterior up).
 
@@ -14,7 +15,8 @@ displacements in voxels, ij order; error maps in mm.
 
 import numpy as np
 
-__all__ = ["spread_pairs", "save_pair_figure", "display_slice", "display_slice_field", "save_orthogonal_slices"]
+__all__ = ["spread_pairs", "save_pair_figure", "display_slice", "display_slice_field", "registration_slice_panels",
+           "save_orthogonal_slices"]
 
 
 def _pyplot():
@@ -65,6 +67,34 @@ def display_slice_field(field, axis):
     rows = -plane[..., 1].T[::-1]  # display rows run against axis b
     cols = plane[..., 0].T[::-1]
     return np.stack([rows, cols], axis=-1)
+
+
+def registration_slice_panels(fixed, moving, warped, displacement, baseline_warped=None, true_displacement=None,
+                              spacing=None):
+    """The rows of :func:`save_orthogonal_slices` for one 3-D registration.
+
+    fixed / moving / DIRNet warped / (elastix warped) / DIRNet's grid over the moving image /
+    (endpoint error against ``true_displacement``, in mm).
+
+    Parameters
+    ----------
+    fixed, moving, warped, baseline_warped : arrays ``[D, H, W, 1]`` (``baseline_warped`` optional)
+    displacement, true_displacement : arrays ``[D, H, W, 3]`` (voxels, ij; ``true_displacement`` optional)
+    spacing : sequence of 3 float or None
+        mm per axis, for the endpoint error (None: 1).
+
+    Returns
+    -------
+    list of (name, kind, value)
+    """
+    panels = [("fixed", "image", fixed), ("moving", "image", moving), ("DIRNet warped", "image", warped)]
+    if baseline_warped is not None:
+        panels.append(("elastix warped", "image", baseline_warped))
+    panels.append(("DIRNet grid", "grid", (displacement, moving)))
+    if true_displacement is not None:
+        scale = np.asarray(1.0 if spacing is None else spacing)
+        panels.append(("endpoint error", "error", np.linalg.norm((displacement - true_displacement) * scale, axis=-1)))
+    return panels
 
 
 def save_orthogonal_slices(path, panels, title, grid_step=4):

@@ -62,13 +62,16 @@ import numpy as np
 from absl import flags
 
 from data import echo as echo_data
-from dirnet_tf import comparison, readers
-from dirnet_tf.config import PRESETS, parse_floats
+from dirnet_tf import readers
+from dirnet_tf.config import PRESETS, TrainConfig, parse_floats
+from dirnet_tf.console import import_tensorflow_quietly
 from dirnet_tf.elastix import BASELINE_DIR, register_pairs
-from dirnet_tf.inference import load_export, predict
 from dirnet_tf.report_figures import save_pair_figure, spread_pairs
 from experiments import common, train
 from experiments.common import define_flag
+
+# TensorFlow is imported by the functions that need it (dirnet_tf.comparison, inference, train_data,
+# training), after main() has quietened it.
 
 flags.adopt_module_key_flags(train)
 
@@ -96,27 +99,27 @@ DEFAULTS = {**train.DEFAULTS, **PRESETS["paper"], **dict(
 
 
 def prepare_inputs(config):
-    """The cine, its sector mask and the model grid: ``(config for training, data.echo.EchoInputs)``.
+    """The cine, its sector mask and the model grid: ``(TrainConfig for training, data.echo.EchoInputs)``.
 
+    ``config`` is a :class:`~dirnet_tf.config.TrainConfig` with this command's flags in ``extra``.
     Writes ``sector_mask.npy`` / ``sector_mask.png`` / ``sector_mask_check.png`` into the logdir
-    (unless ``config["mask"]`` names a mask); resolves ``--spacing`` (empty) and ``--shape=auto``.
+    (unless ``config.mask`` names a mask); resolves ``--spacing`` (empty) and ``--shape=auto``.
     """
-    config = dict(config)
-    inputs = echo_data.prepare_echo_inputs(config["logdir"], config["images"], config["mask"],
-                                           config["mask_threshold"])
+    inputs = echo_data.prepare_echo_inputs(config.logdir, config.images, config.mask, config.extra["mask_threshold"])
     first, mask = inputs.frames[0], inputs.mask
-    if not str(config["spacing"]).strip():
-        config["spacing"] = ",".join(f"{config['downsample'] * s:.6g}" for s in first.spacing)
-    if str(config["shape"]).strip().lower() == "auto":
-        spacing = parse_floats(config["spacing"], "spacing")
-        spacing = (spacing,) * 2 if np.isscalar(spacing) else spacing
-        spacings = [int(t) for t in str(config.get("stages") or "").split(",") if t.strip().isdigit()]
-        multiple = max(spacings or [int(config["grid_spacing"])])  # the coarsest B-spline stage
-        config["shape"] = ",".join(str(n) for n in echo_data.sector_grid_shape(mask, first.spacing, spacing, multiple))
-    config.update(images=inputs.path, mask=inputs.mask_path)
+    spacing, shape = config.spacing, config.shape
+    if not str(spacing).strip():
+        spacing = ",".join(f"{config.extra['downsample'] * s:.6g}" for s in first.spacing)
+    if str(shape).strip().lower() == "auto":
+        model_spacing = parse_floats(spacing, "spacing")
+        model_spacing = (model_spacing,) * 2 if np.isscalar(model_spacing) else model_spacing
+        spacings = [int(t) for t in str(config.stages or "").split(",") if t.strip().isdigit()]
+        multiple = max(spacings or [int(config.grid_spacing)])  # the coarsest B-spline stage
+        shape = ",".join(str(n) for n in echo_data.sector_grid_shape(mask, first.spacing, model_spacing, multiple))
+    config = config.replace(images=inputs.path, mask=inputs.mask_path, spacing=spacing, shape=shape)
     print(f"[echo] {len(inputs.frames)} frames of {first.shape[0]}x{first.shape[1]} pixels at "
           f"{first.spacing[0]:.4g} mm; sector mask {int(mask.sum())} pixels ({100 * mask.mean():.1f} %) "
-          f"-> {inputs.mask_path}; model grid {config['shape']} at {config['spacing']} mm", flush=True)
+          f"-> {inputs.mask_path}; model grid {config.shape} at {config.spacing} mm", flush=True)
     return config, inputs
 
 
@@ -142,23 +145,26 @@ def evaluate_echo(config, inputs, result, start):
     dict
         The ``echo`` section of ``metrics.json``.
     """
-    frames, mask = inputs.frames, inputs.mask
-    data = train.load_collection(config)
-    plan = train.make_splits_and_pairs(config, data)
+    from dirnet_tf import comparison, train_data
+    from dirnet_tf.inference import load_export, predict
+
+    frames, mask, own = inputs.frames, inputs.mask, config.extra
+    data = train_data.load_collection(config)
+    plan = train_data.make_splits_and_pairs(config, data)
     grid, images, test = data["grid"], data["images"], plan["test"]
     spacing = np.asarray(grid.spacing, np.float64)
     sector = grid.prepare_labels(mask.astype(np.int32), frames[0]) > 0
     fixed, moving = images[test[:, 0]], images[test[:, 1]]
-    served, _ = load_export(config["export_dir"])
-    pred = predict(served, fixed, moving, batch_size=max(1, config["timing_batch_size"]))
+    served, _ = load_export(config.export_dir)
+    pred = predict(served, fixed, moving, batch_size=max(1, config.timing_batch_size))
     before = comparison.masked_ncc(fixed, moving, sector)
     dirnet, per_dirnet = comparison.masked_registration_scores(fixed, pred["warped"], pred["displacement"], sector,
                                                                spacing, test)
     dirnet.update(ms_per_pair=result["ms_per_pair"], timing_batch_size=result["timing_batch_size"])
     portable = echo_data.portable_echo_path
-    echo = {"file": portable(config["images"]), "frames": len(frames),
+    echo = {"file": portable(config.images), "frames": len(frames),
             "frame_shape": list(frames[0].shape), "frame_spacing_mm": [float(s) for s in frames[0].spacing],
-            "mask": portable(config["mask"]), "mask_pixels": int(mask.sum()),
+            "mask": portable(config.mask), "mask_pixels": int(mask.sum()),
             "sector_pixels_model_grid": int(sector.sum()),
             "model_grid": {"shape": list(grid.shape), "spacing_mm": [float(s) for s in grid.spacing]},
             "units": "displacements and cycle residuals in pixels of the model grid (ij); *_mm in mm",
@@ -167,23 +173,23 @@ def evaluate_echo(config, inputs, result, start):
             "dirnet": dirnet}
     gap_values = {"before": before, "dirnet": per_dirnet["ncc"]}
     elastix_ncc = None
-    if config["elastix"]:
+    if own["elastix"]:
         print(f"[echo] elastix on the {len(test)} test pairs ...", flush=True)
-        out = register_pairs(fixed, moving, config["elastix_parameter_file"], fixed_mask=sector,
-                             threads=config["elastix_threads"] or None)
+        out = register_pairs(fixed, moving, own["elastix_parameter_file"], fixed_mask=sector,
+                             threads=own["elastix_threads"] or None)
         el, per_el = comparison.masked_registration_scores(fixed, out["warped"], out["displacement"], sector,
                                                            spacing, test)
         el.update(ms_per_pair=float(1000 * np.median(out["seconds"])),
                   ms_per_pair_mean=float(1000 * np.mean(out["seconds"])),
-                  parameter_file=os.path.relpath(config["elastix_parameter_file"], ROOT),
+                  parameter_file=os.path.relpath(own["elastix_parameter_file"], ROOT),
                   fixed_mask="sector")
         echo["elastix"] = el
         echo["speedup"] = el["ms_per_pair"] / dirnet["ms_per_pair"]
         gap_values["elastix"] = elastix_ncc = per_el["ncc"]
     echo["ncc_sector_by_gap"] = comparison.scores_by_gap(test, **gap_values)
-    logdir = config["logdir"]
+    logdir = config.logdir
     save_registration(os.path.join(logdir, "echo_registration.png"), fixed, moving, pred, elastix_ncc, test,
-                      before, per_dirnet["ncc"], config["figure_pairs"])
+                      before, per_dirnet["ncc"], own["figure_pairs"])
     echo_data.save_cine_strip(os.path.join(logdir, "echo_strip.png"), np.stack([f.array for f in frames]), mask,
                               images, plan["splits"])
     echo["seconds"] = time.perf_counter() - start
@@ -222,23 +228,32 @@ def run(config):
 
     Parameters
     ----------
-    config : dict
-        Flag values (those of ``python -m experiments.train`` plus this command's).
+    config : TrainConfig or dict
+        The settings (a dict: flag values, those of ``python -m experiments.train`` plus this
+        command's, which a TrainConfig keeps in ``extra``).
 
     Returns
     -------
     dict
         The metrics written to ``metrics.json``: the training run's plus ``echo``.
     """
+    from dirnet_tf.training import train_with_report
+
     start = time.perf_counter()
-    config, inputs = prepare_inputs(config)
-    return train.run_example(config, "echo", lambda result: evaluate_echo(config, inputs, result, start),
+    config, inputs = prepare_inputs(TrainConfig.from_dict(config, extra_ok=True)
+                                    if isinstance(config, dict) else config)
+    return train_with_report(config, "echo", lambda result: evaluate_echo(config, inputs, result, start),
                              print_summary, "echo_registration.png and echo_strip.png", echo_data.portable_echo_path)
 
 
 def main():
-    """Command line: apply this command's defaults, then parse flags and run."""
-    common.run_experiment(run, DEFAULTS, errors=(readers.InputError,))
+    """Command line: apply this command's defaults, parse flags, import TensorFlow quietly and run."""
+
+    def quiet_run(config):
+        import_tensorflow_quietly()
+        return run(config)
+
+    common.run_experiment(quiet_run, DEFAULTS, errors=(readers.InputError,), presets=PRESETS, typed=True)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,20 @@
-"""experiments.brain3d: the real brain volumes of the [brain] extra, a tiny end-to-end run, elastix in 3-D."""
+"""experiments.brain3d: its resolved defaults, the prepared volumes, a tiny end-to-end run, elastix in 3-D."""
 
 import copy
-import importlib.util
 import json
+import os
 
 import numpy as np
 import pytest
 from absl import flags
 
+from data import brain as brain_data
 from experiments import brain3d, common
 
 
 def _have_volumes():
     try:
-        brain3d.template_files()
+        brain_data.brain_template_files()
     except FileNotFoundError:
         return False
     return True
@@ -28,7 +29,7 @@ def _config(*argv):
     for name, value in brain3d.DEFAULTS.items():
         values.set_default(name, value)
     values(["brain3d", *argv])
-    return {name: values[name].value for name in common._DEFINED}
+    return {name: values[name].value for name in common.defined_flags()}
 
 
 def _tiny(tmp_path, *argv):
@@ -37,38 +38,27 @@ def _tiny(tmp_path, *argv):
                    "--checkpoint_every=2", "--timing_batch_size=1", *argv)
 
 
-def test_missing_extra_says_how_to_install(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nilearn" else real(name, *a))
-    with pytest.raises(FileNotFoundError, match=r"pip install -e \.\[brain\]"):
-        brain3d.template_files()
-
-
-@needs_volumes
-def test_volume_loader_on_the_real_files():
-    files = brain3d.template_files()
-    assert brain3d.portable_path(files["mni_t1"]).startswith("nilearn:0.14.1/datasets/data/mni_icbm152_t1")
-    volumes = brain3d.load_templates(files)
-    mni, robex = volumes["mni"], volumes["robex"]
-    assert mni["t1"].shape == mni["labels"].shape == (197, 233, 189)
-    assert robex["t1"].shape == robex["labels"].shape == (116, 150, 155)
-    assert set(np.unique(mni["labels"]).tolist()) == {0, 1, 2, 3} and set(np.unique(robex["labels"]).tolist()) == {0, 1}
-    # plausible brain volumes (ml): MNI's template brain is large, ROBEX's atlas brain smaller
-    assert 1500 < (mni["labels"] > 0).sum() / 1000 < 1950
-    assert 1100 < (robex["labels"] > 0).sum() * 1.5 ** 3 / 1000 < 1400
-    assert 0.4 < (mni["labels"] == 2).sum() / (mni["labels"] == 1).sum() < 1  # white / grey matter
-    assert mni["t1"][mni["labels"] == 0].max() == 0  # skull-stripped
-    # RAS world axes: ROBEX's file is LAS (first axis flipped)
-    assert mni["affine"][0, 0] > 0 and robex["affine"][0, 0] < 0
-    mni_centre = brain3d.brain_centroid(mni["labels"], mni["affine"])
-    robex_centre = brain3d.brain_centroid(robex["labels"], robex["affine"])
-    assert abs(mni_centre[0]) < 2 and abs(robex_centre[0]) < 2  # both centred left-right
+def test_defaults_keep_the_example_settings():
+    """The example's own model and run settings, whatever the shared flags' defaults are."""
+    config = _config()
+    expected = dict(pairs="synthetic", shape="96,112,96", spacing="2", stages="16,8", passes=1, inference_passes=0,
+                    stagewise=False, bounded=True, symmetric=True, normalize_inputs=True, bending_weight=0.01,
+                    folding_weight=0.0, inverse_consistency_weight=0.0, steps=600, batch_size=1, learning_rate=2e-3,
+                    lr_schedule="cosine", eval_pairs=6, timing_batch_size=2, synthetic_magnitude=12.0,
+                    synthetic_spacing=32.0, synthetic_augment=4.0, brain_train_volume="mni", brain_elastix_pairs=2,
+                    brain_inter_template=True, elastix=True, logdir=os.path.join("runs", "brain3d"),
+                    export_dir=os.path.join("exports", "brain3d"))
+    assert {k: config[k] for k in expected} == expected
+    assert config["brain_elastix_parameter_file"].endswith(os.path.join("baselines", "elastix", "brain3d_bspline.txt"))
 
 
 @needs_volumes
 def test_prepared_volumes_are_aligned_on_the_model_grid(tmp_path):
-    config, inputs = brain3d.prepare_inputs(_tiny(tmp_path, "--shape=32,36,32", "--spacing=6"))
-    assert config["images"] == inputs["mni"]["image"] and config["pairs"] == "synthetic"
+    from dirnet_tf.config import TrainConfig
+
+    settings = TrainConfig.from_dict(_tiny(tmp_path, "--shape=32,36,32", "--spacing=6"), extra_ok=True)
+    config, inputs = brain3d.prepare_inputs(settings)
+    assert config.images == inputs["mni"]["image"] and config.pairs == "synthetic"
     volumes = {name: brain3d.model_volume(config, inputs, name) for name in brain3d.VOLUMES}
     masks = {name: v["labels"][0] > 0 for name, v in volumes.items()}
     for name, v in volumes.items():
@@ -109,9 +99,10 @@ def test_tiny_end_to_end_run(tmp_path):
 
 
 def test_elastix_3d_recovers_a_known_translation(tmp_path):
-    """Conventions of the 3-D elastix wrapper: fields in voxels, ij order, backward (fixed grid)."""
+    """Conventions of the 3-D elastix baseline as this example calls it (dirnet_tf.elastix.register_pairs
+    with its parameter file): fields in voxels, ij order, backward (fixed grid)."""
     pytest.importorskip("itk")
-    from dirnet_tf.elastix import elastix_available
+    from dirnet_tf.elastix import elastix_available, register_pairs
     from dirnet_tf.warping import warp
 
     if not elastix_available():
@@ -126,7 +117,7 @@ def test_elastix_3d_recovers_a_known_translation(tmp_path):
     moving = moving[None, ..., None].astype(np.float32)
     shift = np.array([1.0, -1.5, 0.5], np.float32)  # voxels, ij
     fixed = warp(moving, np.broadcast_to(shift, (1,) + shape + (3,)).copy()).numpy()
-    out = brain3d.elastix_register_3d(fixed, moving, (2.0, 2.0, 2.0), parameter_file, threads=2)
+    out = register_pairs(fixed, moving, str(parameter_file), ndim=3, spacing=(2.0, 2.0, 2.0), threads=2)
     assert out["displacement"].shape == (1,) + shape + (3,) and out["seconds"][0] > 0
     centre = out["displacement"][0, 10:18, 11:21, 8:16].reshape(-1, 3).mean(axis=0)
     np.testing.assert_allclose(centre, shift, atol=0.35)

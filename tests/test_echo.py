@@ -18,7 +18,7 @@ def _config(*argv):
     for name, value in echo.DEFAULTS.items():
         values.set_default(name, value)
     values(["echo", *argv])
-    return {name: values[name].value for name in common._DEFINED}
+    return {name: values[name].value for name in common.defined_flags()}
 
 
 def test_defaults_keep_the_example_settings():
@@ -77,15 +77,16 @@ def test_tiny_end_to_end_run(tmp_path):
         np.testing.assert_allclose(section["speedup"], ratio)
         assert section["elastix"]["parameter_file"] == os.path.join("baselines", "elastix", "echo_bspline.txt")
     # The sector NCC is that of the export's predictions inside the sector on the model grid.
-    from dirnet_tf import metrics
+    from dirnet_tf import metrics, train_data
+    from dirnet_tf.config import TrainConfig
     from dirnet_tf.inference import load_export, predict
-    from experiments import train
 
-    cfg = dict(config, images=echo_data.example_echo_file(), mask=str(logdir / "sector_mask.npy"), shape="48,48",
-               spacing=",".join(str(s) for s in section["model_grid"]["spacing_mm"]))
-    data = train.load_collection(cfg)
-    test = train.make_splits_and_pairs(cfg, data)["test"]
-    frame = echo_data.read_echo_cine(cfg["images"])[0]
+    cfg = TrainConfig.from_dict(dict(config, images=echo_data.example_echo_file(), mask=str(logdir / "sector_mask.npy"),
+                                     shape="48,48", spacing=",".join(str(s) for s in section["model_grid"]["spacing_mm"])),
+                                extra_ok=True)
+    data = train_data.load_collection(cfg)
+    test = train_data.make_splits_and_pairs(cfg, data)["test"]
+    frame = echo_data.read_echo_cine(cfg.images)[0]
     sector = data["grid"].prepare_labels(np.load(logdir / "sector_mask.npy").astype(np.int32), frame) > 0
     assert section["sector_pixels_model_grid"] == sector.sum() > 0
     fixed, moving = data["images"][test[:, 0]], data["images"][test[:, 1]]
