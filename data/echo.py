@@ -37,12 +37,12 @@ from scipy.spatial import Delaunay
 
 from dirnet_tf import files, readers
 
-__all__ = ["EXAMPLE_FILE", "INSTALL_HINT", "EchoInputs", "example_echo_file", "portable_echo_path", "read_echo_cine",
-           "ultrasound_box", "convex_hull_mask", "sector_mask", "sector_grid_shape", "save_mask_check",
-           "save_cine_strip", "prepare_echo_inputs"]
+__all__ = ["EXAMPLE_FILE", "ECHO_INSTALL_HINT", "EchoInputs", "example_echo_file", "portable_echo_path",
+           "read_echo_cine", "ultrasound_box", "convex_hull_mask", "sector_mask", "sector_grid_shape",
+           "save_mask_check", "save_cine_strip", "prepare_echo_inputs"]
 
 EXAMPLE_FILE = "examples_ybr_color.dcm"
-INSTALL_HINT = ("the example echocardiogram comes with pydicom: `pip install pydicom` "
+ECHO_INSTALL_HINT = ("the example echocardiogram comes with pydicom: `pip install pydicom` "
                 "(or `pip install -e .[medical]`), or give --images=FILE")
 
 #: What :func:`prepare_echo_inputs` returns: the cine ``path``, its ``frames`` (list of grey
@@ -67,7 +67,7 @@ def example_echo_file():
         import pydicom
         from pydicom import data as pydicom_data
     except ImportError as exc:
-        raise FileNotFoundError(INSTALL_HINT) from exc
+        raise FileNotFoundError(ECHO_INSTALL_HINT) from exc
     try:
         return files.package_file("pydicom", f"data/test_files/{EXAMPLE_FILE}")
     except FileNotFoundError:

@@ -76,10 +76,9 @@ flags.adopt_module_key_flags(train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ELASTIX_PARAMETER_FILE = os.path.join(BASELINE_DIR, "brain3d_bspline.txt")
-VOLUMES = brain_data.VOLUMES
 
 define_flag("enum", "brain_train_volume", "mni", "Volume the model is trained on (the other one is the "
-            "held-out volume).", list(VOLUMES))
+            "held-out volume).", list(brain_data.BRAIN_VOLUMES))
 define_flag("bool", "elastix", True, "Run the elastix B-spline baseline on the test pairs (needs itk-elastix).")
 define_flag("integer", "elastix_threads", 0, "Threads per elastix registration (0: "
             "baselines/elastix/settings.json).")
@@ -199,15 +198,15 @@ def evaluate_brain(config, inputs, result, start):
     own = config.extra
     served, _ = load_export(config.export_dir)
     trained = own["brain_train_volume"]
-    other = [v for v in VOLUMES if v != trained][0]
-    volumes = {name: model_volume(config, inputs, name) for name in VOLUMES}
+    other = [v for v in brain_data.BRAIN_VOLUMES if v != trained][0]
+    volumes = {name: model_volume(config, inputs, name) for name in brain_data.BRAIN_VOLUMES}
     grid = volumes[trained]["grid"]
     spacing = np.asarray(grid.spacing, np.float64)
     boundary = "border"
     plan = train_data.make_splits_and_pairs(config, volumes[trained])  # the training run's test pairs
     other_test = train_data.synthetic_plan(config, volumes[other])["test"]  # same random stream, other volume
     portable = brain_data.portable_brain_path
-    report = {"train_volume": trained, "held_out_volume": other, "label_names": brain_data.LABEL_NAMES,
+    report = {"train_volume": trained, "held_out_volume": other, "label_names": brain_data.BRAIN_LABEL_NAMES,
               "inputs": {k: ({kk: (portable(vv) if kk in ("image", "labels") else vv) for kk, vv in v.items()}
                              if isinstance(v, dict) else v) for k, v in inputs.items()},
               "alignment": "world RAS axes of each file's affine; each volume centred on its brain-mask centroid "

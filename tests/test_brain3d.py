@@ -59,7 +59,7 @@ def test_prepared_volumes_are_aligned_on_the_model_grid(tmp_path):
     settings = TrainConfig.from_dict(_tiny(tmp_path, "--shape=32,36,32", "--spacing=6"), extra_ok=True)
     config, inputs = brain3d.prepare_inputs(settings)
     assert config.images == inputs["mni"]["image"] and config.pairs == "synthetic"
-    volumes = {name: brain3d.model_volume(config, inputs, name) for name in brain3d.VOLUMES}
+    volumes = {name: brain3d.model_volume(config, inputs, name) for name in brain_data.BRAIN_VOLUMES}
     masks = {name: v["labels"][0] > 0 for name, v in volumes.items()}
     for name, v in volumes.items():
         assert v["images"].shape == (1, 32, 36, 32, 1) and 0 <= v["images"].min() and v["images"].max() <= 1

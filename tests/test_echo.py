@@ -81,9 +81,9 @@ def test_tiny_end_to_end_run(tmp_path):
     from dirnet_tf.config import TrainConfig
     from dirnet_tf.inference import load_export, predict
 
+    spacing = ",".join(str(s) for s in section["model_grid"]["spacing_mm"])
     cfg = TrainConfig.from_dict(dict(config, images=echo_data.example_echo_file(), mask=str(logdir / "sector_mask.npy"),
-                                     shape="48,48", spacing=",".join(str(s) for s in section["model_grid"]["spacing_mm"])),
-                                extra_ok=True)
+                                     shape="48,48", spacing=spacing), extra_ok=True)
     data = train_data.load_collection(cfg)
     test = train_data.make_splits_and_pairs(cfg, data)["test"]
     frame = echo_data.read_echo_cine(cfg.images)[0]
