@@ -89,7 +89,7 @@ define_flag("integer", "brain_elastix_pairs", 2, "Held-out-field pairs of each v
 define_flag("bool", "brain_inter_template", True, "Also register MNI <-> ROBEX (both directions).")
 
 # The paper's settings first (every model/objective default the shared flags changed), then this example's.
-DEFAULTS = {**train.DEFAULTS, **PRESETS["paper"], **dict(
+DEFAULTS = {**PRESETS["paper"], **dict(
     images="", labels=None, pairs="synthetic", shape="96,112,96", spacing="2",
     normalize="percentile", split="0.8,0.1,0.1", split_seed=0, eval_pairs=6, stages="16,8", passes=1,
     inference_passes=0, bounded=True, symmetric=True, normalize_inputs=True, filters="auto",

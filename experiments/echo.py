@@ -89,7 +89,7 @@ define_flag("integer", "elastix_threads", 0, "Threads per elastix registration (
 define_flag("integer", "figure_pairs", 6, "Test pairs shown in echo_registration.png.")
 
 # The paper's settings first (every model/objective default the shared flags changed), then this example's.
-DEFAULTS = {**train.DEFAULTS, **PRESETS["paper"], **dict(
+DEFAULTS = {**PRESETS["paper"], **dict(
     images="", pairs="sequence", max_frame_gap=8, split="0.5,0.2,0.3",
     split_within_groups=True, shape="auto", spacing="", eval_pairs=100, grid_spacing=8, stages="8,4,2,2",
     bounded=True, symmetric=True, normalize_inputs=True, filters="auto", convs_per_level="auto", passes=1,
