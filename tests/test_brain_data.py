@@ -46,3 +46,20 @@ def test_volume_loader_on_the_real_files():
     mni_centre = brain_data.brain_centroid(mni["labels"], mni["affine"])
     robex_centre = brain_data.brain_centroid(robex["labels"], robex["affine"])
     assert abs(mni_centre[0]) < 2 and abs(robex_centre[0]) < 2  # both centred left-right
+
+
+def test_reference_box_is_centred_and_resampling_follows_world_coordinates():
+    """The box's centre voxel sits at the given centre; resampling onto a shifted grid shifts the array."""
+    affine = brain_data.reference_affine((10.0, -20.0, 5.0), 2.0, (8, 10, 6))
+    centre_voxel = (np.array([8, 10, 6]) - 1) / 2.0
+    np.testing.assert_allclose(affine[:3, :3] @ centre_voxel + affine[:3, 3], (10.0, -20.0, 5.0))
+    source = np.diag([1.0, 1.0, 1.0, 1.0])
+    array = np.zeros((12, 12, 12), np.float32)
+    array[5, 6, 7] = 1.0
+    target = source.copy()
+    target[:3, 3] = (1.0, 2.0, 3.0)  # voxel (i, j, k) of the target is voxel (i + 1, j + 2, k + 3) of the source
+    out = brain_data.resample_world(array, source, target, (8, 8, 8), order=0)
+    assert out.dtype == np.int32 and np.argwhere(out).tolist() == [[4, 4, 4]]
+    labels = np.zeros((12, 12, 12), np.int32)
+    labels[2:6, 3:9, 4:7] = 1
+    np.testing.assert_allclose(brain_data.brain_centroid(labels, target), (3.5 + 1, 5.5 + 2, 5.0 + 3))

@@ -62,3 +62,19 @@ def test_masked_scores_of_identity_fields():
     assert summary["mean_displacement_sector_mm"] == 0
     np.testing.assert_allclose(comparison.masked_ncc(fixed, fixed[::-1], mask),
                                [np.corrcoef(fixed[0, ..., 0][mask], fixed[1, ..., 0][mask])[0, 1]] * 2, rtol=1e-4)
+
+
+def test_warp_and_score_carries_the_moving_mask():
+    """A one-voxel shift: the warped image is the moving one shifted back, and so is its mask (Dice 1)."""
+    fixed_mask = np.zeros((1, 10, 12), bool)
+    fixed_mask[0, 3:7, 4:9] = True
+    moving_mask = np.roll(fixed_mask, 1, axis=1)  # the moving object sits one row further down
+    fixed, moving = fixed_mask[..., None].astype(np.float32), moving_mask[..., None].astype(np.float32)
+    shift = np.zeros((1, 10, 12, 2), np.float32)
+    shift[..., 0] = 1.0  # warped(x) = moving(x + (1, 0))
+    scores, warped = comparison.warp_and_score(fixed, moving, shift, (2.0, 2.0), fixed_mask=fixed_mask,
+                                               moving_mask=moving_mask)
+    np.testing.assert_allclose(warped[0, :9, ..., 0], moving[0, 1:, ..., 0])
+    assert scores["brain_dice_before"] < 0.8 and scores["brain_dice_after"] == 1.0
+    assert scores["ncc_after"] > scores["ncc_before"] and scores["folding_fraction"] == 0
+    np.testing.assert_allclose(scores["mean_displacement_mm"], 2.0)

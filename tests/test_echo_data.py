@@ -69,3 +69,12 @@ def test_sector_mask_of_a_synthetic_fan_with_static_text():
     inner = fan.copy()
     inner[36:48, 41:59] = False
     assert mask[inner].mean() > 0.95
+
+
+def test_sector_grid_shape_holds_the_mask_in_multiples_of_the_stage():
+    """A mask reaching 30 pixels above and 10 below the centre row, at 2x coarser model spacing."""
+    mask = np.zeros((101, 81), bool)
+    mask[20:61, 30:51] = True  # rows 20..60: the centre row is 50 -> reach 30 (+1 margin)
+    shape = echo_data.sector_grid_shape(mask, (1.0, 1.0), (2.0, 2.0), 8)
+    # rows: ceil(2 * 31 / 2) = 31 -> 32; columns: centre 40, reach 10 + 1 -> 11 -> 16
+    assert shape == (32, 16)
