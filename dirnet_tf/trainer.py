@@ -7,13 +7,18 @@
   counter (resume continues the exact run), stops on a NaN loss keeping the last
   good checkpoint, writes TensorBoard scalars and image panels (chief only) and
   keeps the checkpoint with the best validation NCC in ``logdir/best`` (its value
-  in ``logdir/best/best.json``, so it survives a resume).
+  in ``logdir/best/best.json``, so it survives a resume);
+* :class:`TrainingInterrupted` -- Ctrl-C during :meth:`Trainer.train`: one line saying
+  where training stopped and from which checkpoint the same command resumes (a
+  checkpoint being written when Ctrl-C comes is finished first).
 """
 
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 
 import keras
@@ -21,10 +26,12 @@ import numpy as np
 import tensorflow as tf
 
 from dirnet_tf.files import write_json
+from dirnet_tf.inference import quiet_tensorflow_logs
 from dirnet_tf.pairs import make_input_iterator, validation_batches
 from dirnet_tf.plotting import figure_to_image, registration_figure, volume_figure
 
-__all__ = ["STRATEGIES", "TrainingDivergedError", "make_strategy", "worker_info", "Trainer"]
+__all__ = ["STRATEGIES", "TrainingDivergedError", "TrainingInterrupted", "make_strategy", "worker_info",
+           "Trainer"]
 
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
@@ -32,6 +39,36 @@ STRATEGIES = ("default", "mirrored", "multi_worker")
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (``KeyboardInterrupt``) stopped :meth:`Trainer.train`; the last checkpoint is kept.
+
+    A ``KeyboardInterrupt`` still (so ``except Exception`` does not swallow it), whose message
+    is the one line to show, e.g. ``interrupted at step 6; run the same command again to resume
+    from the last checkpoint (step 4)``.
+
+    Attributes
+    ----------
+    step : int
+        The last optimizer step completed (steps of an interrupted call are not counted).
+    checkpoint : str or None
+        The checkpoint a rerun resumes from (None: none was written yet).
+    checkpoint_step : int or None
+        Its step.
+    """
+
+    def __init__(self, step, checkpoint):
+        self.step = int(step)
+        self.checkpoint = checkpoint
+        self.checkpoint_step = _checkpoint_step(checkpoint)
+        if checkpoint is None:
+            message = (f"interrupted at step {self.step}; no checkpoint was written yet, so running the "
+                       "same command again starts from step 0")
+        else:
+            message = (f"interrupted at step {self.step}; run the same command again to resume from the "
+                       f"last checkpoint (step {self.checkpoint_step})")
+        super().__init__(message)
 
 
 def make_strategy(name="default"):
@@ -322,9 +359,15 @@ class Trainer:
         return train_steps
 
     def _make_eval_step(self):
-        model, loss_fn = self.model, self.loss_fn
+        """``eval_step({"fixed", "moving"}) -> (per_pair, parts, outputs)``, traced once.
 
-        @tf.function
+        The input signature leaves the batch size open, so the validation batches (the last
+        one smaller) and the image panel's pairs run the same graph instead of retracing.
+        """
+        model, loss_fn = self.model, self.loss_fn
+        spec = tf.TensorSpec((None,) + tuple(self.validation["fixed"].shape[1:]), tf.float32)
+
+        @tf.function(input_signature=[{"fixed": spec, "moving": spec}])
         def eval_step(batch):
             outputs = model(batch, training=False)
             per_pair, parts = loss_fn(batch, outputs)
@@ -355,9 +398,10 @@ class Trainer:
     def save(self):
         """Save a checkpoint at the current step (every worker calls this; non-chief
         workers write into a temporary directory that is deleted)."""
-        path = self.manager.save(checkpoint_number=int(self.step.numpy()))
-        if not self.is_chief:
-            shutil.rmtree(self._ckpt_dir, ignore_errors=True)
+        with _InterruptsDeferred(), quiet_tensorflow_logs():
+            path = self.manager.save(checkpoint_number=int(self.step.numpy()))
+            if not self.is_chief:
+                shutil.rmtree(self._ckpt_dir, ignore_errors=True)
         return path
 
     def _validate_and_log(self, step):
@@ -371,9 +415,12 @@ class Trainer:
         improved = metrics.get("ncc", -np.inf) > self.best_ncc
         if improved:
             self.best_ncc = metrics["ncc"]
-            self.best_manager.save(checkpoint_number=step)
-            if not self.is_chief:
-                shutil.rmtree(os.path.join(self._ckpt_dir, "best"), ignore_errors=True)
+            with _InterruptsDeferred(), quiet_tensorflow_logs():  # checkpoint and score together
+                self.best_manager.save(checkpoint_number=step)
+                if not self.is_chief:
+                    shutil.rmtree(os.path.join(self._ckpt_dir, "best"), ignore_errors=True)
+                else:
+                    _write_best_state(self.logdir, self.best_ncc)
         self.print(f"[valid] step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
                    + ("  (best)" if improved else ""))
         return metrics
@@ -412,6 +459,10 @@ class Trainer:
         ------
         TrainingDivergedError
             On a NaN/inf loss; no checkpoint is written for it, the last good one stays.
+        TrainingInterrupted
+            On Ctrl-C (``KeyboardInterrupt``); nothing is written for the steps since the last
+            checkpoint, which stays (a checkpoint being written is finished first), and the
+            same call resumes from it.
         """
         resumed_from = None
         if self.resume and self.latest_checkpoint():
@@ -432,6 +483,19 @@ class Trainer:
             self.print(f"[train] already at step {start} >= --steps={self.total_steps}; nothing to train")
             return {"step": start, "resumed_from": resumed_from, "last_loss": None,
                     "steps_per_second": None, "best_validation_ncc": _finite(self.best_ncc)}
+        try:
+            return self._train_from(start, resumed_from)
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, TrainingInterrupted):
+                raise
+            try:
+                self.writer.flush()
+            except Exception:  # noqa: BLE001 -- the interrupt is what to report
+                pass
+            raise TrainingInterrupted(int(self.step.numpy()), self.latest_checkpoint()) from None
+
+    def _train_from(self, start, resumed_from):
+        """The loop of :meth:`train` from step ``start`` (the step variable), to ``steps``."""
         if self._train_step is None:
             self._train_step = self._make_train_step()
         iterator = make_input_iterator(self.sampler, self.batch_size, start, self.strategy)
@@ -504,6 +568,42 @@ class Trainer:
         inner = getattr(opt, "inner_optimizer", opt)
         lr = inner.learning_rate
         return float(lr.numpy() if hasattr(lr, "numpy") else lr)
+
+
+class _InterruptsDeferred:
+    """Inside the block Ctrl-C (SIGINT) is held back and raised as ``KeyboardInterrupt`` on
+    leaving it, so a checkpoint being written is finished (main thread only; elsewhere, or
+    where the program installed its own SIGINT handler, nothing changes)."""
+
+    def __enter__(self):
+        self._previous = None
+        self._received = False
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return self
+        self._previous = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self._received = True
+
+    def __exit__(self, *exc_info):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            if self._received and exc_info[0] is None:
+                raise KeyboardInterrupt
+        return False
+
+
+def _checkpoint_step(path):
+    """The step number of a checkpoint path ``.../ckpt-N`` (None for None)."""
+    if path is None:
+        return None
+    try:
+        return int(os.path.basename(path).rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
 
 
 def _finite(x):

@@ -147,3 +147,35 @@ def test_experiment_export_records_the_steps_of_composed_models_only(tmp_path):
                                          {"kind": "spline", "grid_spacing": [4, 4], "output": "step_2"}]
             assert metadata["stages"] == ["affine", 4] and metadata["bounded"] is True
             assert outputs == {"warped", "displacement", "step_0", "step_1", "step_2"}
+
+
+def test_export_logs_nothing_and_leaves_the_loggers_as_they_were(tmp_path):
+    """tf.saved_model.save logs 'Sharding callback duration', 'Function `serve` contains input
+    name(s) resource with unsupported characters', 'Assets written to' at info level, and resets
+    the absl logger's level on the way; the export hides the first and undoes the second."""
+    import logging
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Keep(logging.DEBUG)
+    loggers = [logging.getLogger(name) for name in ("absl", "tensorflow")]
+    before = [(logger, logger.level) for logger in loggers + [logging.getLogger()]]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.DEBUG)
+            logger.addHandler(handler)
+        export_saved_model(_model(), str(tmp_path / "m"), SHAPE, 1)
+        export_saved_model(_model(), str(tmp_path / "m"), SHAPE, 1)
+        assert [r.getMessage() for r in records if r.levelno < logging.ERROR] == []
+        assert [logger.level for logger in loggers] == [logging.DEBUG, logging.DEBUG]
+        logging.getLogger("absl").info("shown again")  # the filter is gone after the export
+        assert [r.getMessage() for r in records] == ["shown again"]
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        for logger, level in before:
+            logger.setLevel(level)

@@ -172,7 +172,7 @@ def test_best_validation_checkpoint_is_selected_exported_and_survives_resume(tmp
     selected and exported, and its score survives a resume: an inverted 'improved' test, or a
     best-state reader that forgets the score on resume, picks another checkpoint."""
     from dirnet_tf.inference import export_saved_model, load_export
-    from experiments.common import train_or_restore
+    from dirnet_tf.training import train_or_restore
 
     script = {2: 0.5, 4: 0.9, 6: 0.7, 8: 0.8}
     first = _validated_trainer(tmp_path, 6, script)
@@ -223,3 +223,92 @@ def test_interrupted_run_resumes_to_the_same_weights_under_the_cosine_schedule(t
         np.testing.assert_array_equal(a, b)
     lr = resumed.optimizer.learning_rate
     assert float(lr.numpy() if hasattr(lr, "numpy") else lr) < 1e-2  # the cosine decayed
+
+
+def _interrupt_on_call(trainer, call):
+    """Make the ``call``-th call of the compiled training function raise ``KeyboardInterrupt``
+    (what Ctrl-C does while TensorFlow runs it)."""
+    step_fn = trainer._make_train_step()
+    calls = []
+
+    def interrupted(iterator, n):
+        calls.append(int(n))
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return step_fn(iterator, n)
+
+    trainer._train_step = interrupted
+    return trainer
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_says_so_in_one_line_and_resumes_to_the_same_weights(tmp_path):
+    """Ctrl-C during train(): a TrainingInterrupted (still a KeyboardInterrupt) whose message is
+    the one line to print, nothing written after the last checkpoint, and the same command
+    resumes to the weights of an uninterrupted run."""
+    from dirnet_tf.trainer import TrainingInterrupted
+
+    kw = dict(lr_schedule="cosine", log_every=2, checkpoint_every=4, steps_per_execution=10)
+    straight = _trainer(tmp_path / "straight", 8, **kw)
+    straight.train()
+    # calls of 2 steps (logging every 2): steps 1-2, 3-4 (ckpt-4), 5-6, then Ctrl-C in the 4th call
+    interrupted = _interrupt_on_call(_trainer(tmp_path / "run", 8, **kw), 4)
+    with pytest.raises(TrainingInterrupted) as info:
+        interrupted.train()
+    assert isinstance(info.value, KeyboardInterrupt)
+    assert str(info.value) == ("interrupted at step 6; run the same command again to resume from the "
+                               "last checkpoint (step 4)")
+    assert info.value.step == 6 and info.value.checkpoint_step == 4
+    assert info.value.checkpoint.endswith("ckpt-4") and info.value.__cause__ is None
+    assert tf.train.latest_checkpoint(str(tmp_path / "run")).endswith("ckpt-4")
+    assert not any(name.startswith(("ckpt-6", "ckpt-8")) for name in os.listdir(tmp_path / "run"))
+    resumed = _trainer(tmp_path / "run", 8, **kw)
+    result = resumed.train()
+    assert result["resumed_from"].endswith("ckpt-4") and result["step"] == 8
+    for a, b in zip(_weights(straight), _weights(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ctrl_c_before_any_checkpoint_says_the_run_starts_again(tmp_path):
+    from dirnet_tf.trainer import TrainingInterrupted
+
+    trainer = _interrupt_on_call(_trainer(tmp_path, 8, checkpoint_every=4), 1)
+    with pytest.raises(TrainingInterrupted, match=r"^interrupted at step 0; no checkpoint was written yet, "
+                                                  r"so running the same command again starts from step 0$"):
+        trainer.train()
+    assert tf.train.latest_checkpoint(str(tmp_path)) is None
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_finishes_it_first(tmp_path):
+    """SIGINT arriving inside the checkpoint save is held until the save is complete."""
+    import signal
+
+    from dirnet_tf.trainer import TrainingInterrupted
+
+    trainer = _trainer(tmp_path, 8, checkpoint_every=4, log_every=4)
+    save = trainer.manager.save
+
+    def save_with_sigint(**kw):
+        if kw.get("checkpoint_number") == 4:
+            signal.raise_signal(signal.SIGINT)
+        return save(**kw)
+
+    trainer.manager.save = save_with_sigint
+    with pytest.raises(TrainingInterrupted, match=r"at step 4; .*\(step 4\)$"):
+        trainer.train()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-4")
+    restored = _trainer(tmp_path / "other", 8)
+    restored.restore(str(tmp_path / "ckpt-4"))
+    assert int(restored.step.numpy()) == 4
+
+
+def test_validation_and_panel_trace_the_eval_step_once(tmp_path):
+    """Validation batches of uneven size and the panel's pairs run one traced graph (no
+    'tf.function retracing' warnings)."""
+    images, _ = _images(10)
+    validation = {"fixed": images[:5], "moving": images[5:]}
+    trainer = _trainer(tmp_path, 2, validation=validation, eval_every=2, panel_pairs=3)
+    metrics = trainer.evaluate_validation(batch_size=2)  # batches of 2, 2, 1
+    assert np.isfinite(metrics["ncc"])
+    trainer.train()
+    assert trainer._eval_step.experimental_get_tracing_count() == 1
