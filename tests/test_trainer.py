@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from scipy import ndimage
 
 import dirnet_tf
 from dirnet_tf.pairs import same_group_pair_sampler
