@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 
-from data.sunnybrook import SPLITS, write_h5
+from data.cardiac_h5 import SPLITS, write_h5
 
 DEFAULT_SPACING = 1.5  # mm
 

@@ -5,14 +5,16 @@ field (where each fixed-image pixel takes its value from in the moving image);
 :func:`registration_figure` lays out 2-D pairs in columns with rows fixed / moving /
 warped / grid; :func:`volume_figure` shows one 3-D pair as its three central
 orthogonal slices; :func:`figure_to_image` renders a figure for
-``tf.summary.image``.
+``tf.summary.image``; :func:`save_test_figure` writes a training run's ``registration.png``.
 """
 
 import io
+import os
 
 import numpy as np
 
-__all__ = ["draw_deformation_grid", "registration_figure", "volume_figure", "figure_to_image"]
+__all__ = ["draw_deformation_grid", "registration_figure", "volume_figure", "figure_to_image",
+           "save_test_figure", "distinct_first"]
 
 
 def _to_numpy(x):
@@ -146,3 +148,68 @@ def volume_figure(fixed, moving, warped, displacement, title=None, grid_step=4):
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def save_test_figure(path, pred, names, eval_pairs, max_pairs=8):
+    """A training run's test pairs as a figure at ``path`` (PNG).
+
+    2-D: up to ``max_pairs`` pairs (columns; rows fixed / moving / warped / grid), pairs of different
+    fixed images first (:func:`distinct_first`), titled by file names (on separate lines) and NCC;
+    3-D: the first pair's central slices.
+
+    Parameters
+    ----------
+    path : str
+    pred : dict
+        :func:`dirnet_tf.evaluation.evaluate_test_pairs`' predictions (``fixed``, ``moving``,
+        ``warped``, ``displacement``, ``ncc_before``, ``ncc_after``; ``epe_mm`` for synthetic pairs).
+    names : list of str
+        The collection's sources.
+    eval_pairs : int array ``[P, 2]`` or dict (synthetic pairs, ``index``: the image of each pair)
+
+    Returns
+    -------
+    str
+        ``path``.
+    """
+    import matplotlib.pyplot as plt
+
+    if isinstance(eval_pairs, dict):  # one image and its known deformation: titles name the image and the error
+        fixed_index = np.asarray(eval_pairs["index"])
+        labels = [f"{_short(names[i])}\n(synthetic)" for i in fixed_index]
+        errors = [f"\nEPE {e:.2f} mm" for e in pred["epe_mm"]]
+    else:
+        fixed_index = np.asarray(eval_pairs)[:, 0]
+        labels = [f"{_short(names[a])}\n<-{_short(names[b])}" for a, b in eval_pairs]
+        errors = [""] * len(labels)
+    if pred["fixed"].ndim == 4:
+        shown = distinct_first(fixed_index, max_pairs)
+        titles = [f"{labels[k]}\nNCC {pred['ncc_before'][k]:.2f}->{pred['ncc_after'][k]:.2f}{errors[k]}"
+                  for k in shown]
+        fig = registration_figure(pred["fixed"][shown], pred["moving"][shown], pred["warped"][shown],
+                                  pred["displacement"][shown], titles=titles, max_cols=len(shown))
+    else:
+        fig = volume_figure(pred["fixed"][0], pred["moving"][0], pred["warped"][0], pred["displacement"][0],
+                            title=f"NCC {pred['ncc_before'][0]:.3f} -> {pred['ncc_after'][0]:.3f}{errors[0]}")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def distinct_first(keys, count):
+    """Indices of up to ``count`` items, those with a ``key`` not seen before first, in order.
+
+    E.g. the fixed image of each test pair: a figure of random pairs then shows different fixed images
+    rather than the first fixed image with several moving ones.
+    """
+    seen, first, rest = set(), [], []
+    for k, key in enumerate(np.asarray(keys).tolist()):
+        (rest if key in seen else first).append(k)
+        seen.add(key)
+    return (first + rest)[:max(0, int(count))]
+
+
+def _short(name, width=18):
+    """A file's base name, shortened in the middle to ``width`` characters (figure titles)."""
+    base = os.path.basename(str(name))
+    return base if len(base) <= width else base[:width // 2 - 1] + ".." + base[-(width - width // 2 - 1):]

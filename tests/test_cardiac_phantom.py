@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 
 from data import cardiac_phantom as cp
-from data import sunnybrook as sb
+from data import cardiac_h5 as sb
 
 SMALL = dict(n_slices=2, n_phases=8, size=40)
 

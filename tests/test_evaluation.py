@@ -81,3 +81,15 @@ def test_optional_parts_can_be_left_out():
     fixed, moving = square_images((16, 16), 2, (1, 0))
     result, _ = evaluation.evaluate_pairs(shifting_model((1.0, 0.0)), fixed, moving, inverse=False, identity=False)
     assert "inverse_consistency_px" not in result and "identity" not in result
+
+
+def test_displacement_length_is_the_mean_length_not_the_length_of_the_mean():
+    """A field of opposite signs in two halves: every voxel moves 2 voxels (3 mm), the mean field is 0."""
+    disp = np.zeros((1, 8, 6, 2), np.float32)
+    disp[0, :4, :, 1] = 2.0
+    disp[0, 4:, :, 1] = -2.0
+    images = np.random.default_rng(0).random((1, 8, 6, 1)).astype(np.float32)
+    result, _ = evaluation.field_scores(images, images, images, disp, spacing=(1.0, 1.5))
+    assert result["mean_displacement_voxels"] == pytest.approx(2.0)
+    assert result["max_displacement_voxels"] == pytest.approx(2.0)
+    assert result["mean_displacement_mm"] == pytest.approx(3.0)

@@ -150,3 +150,18 @@ def test_bad_settings_are_clear_errors():
         SyntheticDeformation((8, 8), 1.0, scale=1.5)
     with pytest.raises(ValueError, match="do not match"):
         synthetic_pair_sampler(np.zeros((1, 9, 8, 1)), 1, 0, SyntheticDeformation((8, 8)))
+
+
+def test_endpoint_error_against_a_nonzero_true_field_by_hand():
+    """``|u_pred - u_true|`` in mm with a true field that is not zero, worked out by hand: a comparison
+    against ``-true`` (or ``pred + true``) gives other numbers."""
+    true = np.zeros((2, 4, 3, 2), np.float32)
+    true[0, ..., 0] = 2.0  # 2 voxels along axis 0
+    true[1, ..., 1] = -1.0  # -1 voxel along axis 1
+    pred = np.zeros_like(true)
+    pred[0, ..., 0] = 1.5  # 0.5 voxel short along axis 0 = 0.5 * 2 mm = 1 mm
+    pred[0, ..., 1] = 1.0  # and 1 voxel off along axis 1 = 3 mm: |(1, 3)| = sqrt(10) mm
+    pred[1, ..., 1] = -1.0  # exact
+    pred[1, :2, :, 0] = 2.0  # 2 voxels off along axis 0 (4 mm) in half of the voxels
+    np.testing.assert_allclose(endpoint_error(pred, true, (2.0, 3.0)), [np.sqrt(10.0), 2.0], rtol=1e-12)
+    np.testing.assert_allclose(endpoint_error(true, true, (2.0, 3.0)), [0.0, 0.0])

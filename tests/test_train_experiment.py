@@ -1,4 +1,6 @@
-"""experiments.train on tiny collections the tests write: 2-D PNGs with labels, 3-D volumes, bad input."""
+"""experiments.train (dirnet_tf.train, dirnet_tf.train_data) on tiny collections the tests write: 2-D PNGs
+with labels, 3-D volumes, synthetic pairs, bad input.  The settings are parsed from flags as the command
+does, with ``--preset=paper`` (the paper's model: one stage, fast)."""
 
 import copy
 import json
@@ -10,20 +12,23 @@ import numpy as np
 import pytest
 from absl import flags
 
-from dirnet_tf import metrics
+from dirnet_tf import metrics, train_data
+from dirnet_tf.config import PRESETS
 from dirnet_tf.readers import InputError
+from dirnet_tf.training import train as train_api
 from experiments import common, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(*argv):
-    """The flag values of ``python -m experiments.train ARGV`` (parsed into a copy of the flags)."""
+    """The TrainConfig of ``python -m experiments.train --preset=paper ARGV`` (parsed into a copy of the flags)."""
     values = copy.deepcopy(flags.FLAGS)
     for name, value in train.DEFAULTS.items():
         values.set_default(name, value)
     values(["train", *argv])
-    return {name: values[name].value for name in common._DEFINED}
+    config = common.config_from_flags({name: values[name].value for name in common.defined_flags()})
+    return config.replace(**{k: v for k, v in PRESETS["paper"].items() if not values[k].present})
 
 
 def _blobs(folder, shape, n, seed=0, labels_folder=None, suffix=".png"):
@@ -55,7 +60,7 @@ def test_2d_pngs_with_labels_train_export_evaluate_and_resume(tmp_path):
     args = [f"--images={tmp_path / 'img'}", f"--labels={tmp_path / 'lab'}", f"--logdir={logdir}",
             f"--export_dir={export}", "--grid_spacing=4", "--batch_size=4", "--log_every=5", "--eval_every=5",
             "--checkpoint_every=5", "--split=0.5,0.25,0.25", "--learning_rate=5e-3"]
-    result = train.run(_config(*args, "--steps=10"))
+    result = train_api(_config(*args, "--steps=10"))
     with open(logdir / "skipped.json") as f:
         skipped = json.load(f)
     assert [os.path.basename(s["path"]) for s in skipped] == ["broken.png"]
@@ -69,8 +74,8 @@ def test_2d_pngs_with_labels_train_export_evaluate_and_resume(tmp_path):
         saved = json.load(f)
     served, metadata = load_export(str(export))
     assert metadata["model_grid"]["shape"] == [36, 32] and metadata["displacement_units"].startswith("voxels")
-    data = train.load_collection(_config(*args))
-    plan = train.make_splits_and_pairs(_config(*args), data)
+    data = train_data.load_collection(_config(*args))
+    plan = train_data.make_splits_and_pairs(_config(*args), data)
     fixed, moving = data["images"][plan["test"][:, 0]], data["images"][plan["test"][:, 1]]
     pred = predict(served, fixed, moving)
     after = np.mean([metrics.ncc(f, w) for f, w in zip(fixed, pred["warped"])])
@@ -79,7 +84,7 @@ def test_2d_pngs_with_labels_train_export_evaluate_and_resume(tmp_path):
                                np.linalg.norm(pred["displacement"], axis=-1).mean(), rtol=1e-5)
     assert (logdir / "registration.png").stat().st_size > 1000
     # Resume: 10 more steps continue from step 10.
-    again = train.run(_config(*args, "--steps=20"))
+    again = train_api(_config(*args, "--steps=20"))
     assert again["step"] == 20
     assert json.loads((logdir / "flags.json").read_text())["steps"] == 20
 
@@ -95,13 +100,13 @@ def test_3d_volumes_on_an_anisotropic_model_grid(tmp_path):
                      "--steps=4", "--log_every=2", "--eval_every=2", "--default_spacing=1.5,1,2",
                      "--spacing=2", "--shape=14,12,14", "--split=0.5,0.25,0.25", "--split_within_groups",
                      "--pairs=sequence", "--max_frame_gap=1")
-    data = train.load_collection(config)
+    data = train_data.load_collection(config)
     assert data["images"].shape == (8, 14, 12, 14, 1)
-    plan = train.make_splits_and_pairs(config, data)
+    plan = train_data.make_splits_and_pairs(config, data)
     assert plan["splits"]["train"].tolist() == [0, 1, 2, 3]
     assert plan["splits"]["valid"].tolist() == [4, 5] and plan["splits"]["test"].tolist() == [6, 7]
     assert sorted(map(tuple, plan["test"].tolist())) == [(6, 7), (7, 6)]
-    result = train.run(config)
+    result = train_api(config)
     assert result["pairs"] == 2 and result["spacing_mm"] == [2.0, 2.0, 2.0]
     assert 0 <= result["folding_fraction"] <= 1 and result["mean_displacement_mm"] >= 0
     with open(tmp_path / "run" / "flags.json") as f:
@@ -111,11 +116,11 @@ def test_3d_volumes_on_an_anisotropic_model_grid(tmp_path):
 def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path):
     _blobs(tmp_path / "img", (20, 20), 3)
     with pytest.raises(InputError, match="--images is required"):
-        train.load_collection(_config())
+        train_data.load_collection(_config())
     config = _config(f"--images={tmp_path / 'img'}", "--pairs=within_group")
-    data = train.load_collection(config)
+    data = train_data.load_collection(config)
     with pytest.raises(ValueError, match="group"):
-        train.make_splits_and_pairs(config, data)
+        train_data.make_splits_and_pairs(config, data)
     np.save(tmp_path / "img" / "vol.npy", np.zeros((4, 5, 6), np.float32))
     proc = subprocess.run([sys.executable, "-m", "experiments.train", f"--images={tmp_path / 'img'}",
                            f"--logdir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'exp'}"],
@@ -136,7 +141,7 @@ def test_synthetic_pairs_from_one_image_record_the_true_fields(tmp_path):
             f"--logdir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'export'}", "--pairs=synthetic",
             "--grid_spacing=4", "--batch_size=4", "--steps=6", "--log_every=3", "--eval_every=3",
             "--eval_pairs=3", "--synthetic_magnitude=3", "--synthetic_spacing=8", "--synthetic_augment=1"]
-    result = train.run(_config(*args))
+    result = train_api(_config(*args))
     assert result["pairs"] == 3 and result["split"]["train"] == 1
     assert result["synthetic"]["test_images"] == "training images" and result["synthetic"]["magnitude_mm"] == 3
     assert 0 < result["true_displacement_mm"] <= 3 * np.sqrt(2) and result["epe_mm"] > 0
@@ -146,8 +151,8 @@ def test_synthetic_pairs_from_one_image_record_the_true_fields(tmp_path):
     record = json.loads((tmp_path / "run" / "eval_pairs.json").read_text())
     assert record["mode"] == "synthetic" and len(record["pairs"]) == 3 and record["true_fields_dtype"] == "float32"
     fields = np.load(tmp_path / "run" / "synthetic_test_fields.npz")
-    data = train.load_collection(_config(*args))
-    plan = train.make_splits_and_pairs(_config(*args), data)
+    data = train_data.load_collection(_config(*args))
+    plan = train_data.make_splits_and_pairs(_config(*args), data)
     test = plan["test"]
     np.testing.assert_array_equal(fields["displacement"], test["displacement"])
     # the true field maps the moving image onto the fixed one (up to the random intensity changes)
@@ -169,12 +174,12 @@ def test_synthetic_pairs_in_3d_with_held_out_volumes_and_a_mask(tmp_path):
                      "--grid_spacing=4", "--batch_size=2", "--steps=2", "--log_every=1", "--eval_every=2",
                      "--eval_pairs=2", "--default_spacing=2", "--split=0.5,0.25,0.25",
                      "--synthetic_magnitude=4", "--synthetic_spacing=8", "--timing_batch_size=2")
-    result = train.run(config)
+    result = train_api(config)
     assert result["split"] == {"train": 2, "valid": 1, "test": 1}
     assert result["synthetic"]["test_images"] == "held-out images"
     assert result["synthetic"]["control_spacing_voxels"] == [4, 4, 4]
     assert result["pairs"] == 2 and "epe_mm_mask" in result and "labels" not in result
-    plan = train.make_splits_and_pairs(config, train.load_collection(config))
+    plan = train_data.make_splits_and_pairs(config, train_data.load_collection(config))
     assert set(plan["test"]["index"].tolist()) <= set(plan["splits"]["test"].tolist())
     assert set(plan["valid"]["index"].tolist()) <= set(plan["splits"]["valid"].tolist())
 
@@ -190,5 +195,86 @@ def test_synthetic_mode_parsing_and_one_image_rules(tmp_path):
         pairs.evaluation_pairs(["a"], "synthetic")
     _blobs(tmp_path / "img", (20, 20), 1)
     with pytest.raises(InputError, match="needs at least two"):  # one image is enough only for synthetic pairs
-        train.load_collection(_config(f"--images={tmp_path / 'img'}"))
-    assert len(train.load_collection(_config(f"--images={tmp_path / 'img'}", "--pairs=synthetic"))["images"]) == 1
+        train_data.load_collection(_config(f"--images={tmp_path / 'img'}"))
+    assert len(train_data.load_collection(_config(f"--images={tmp_path / 'img'}", "--pairs=synthetic"))["images"]) == 1
+
+
+def _command(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_bad_arguments_name_the_flag_exit_1_and_write_nothing(tmp_path):
+    """--steps=0 / -5, a missing pair list, a --shape with the wrong number of values, a --labels folder
+    that matches no image: ``error: ...`` naming the flag or file, exit status 1, no traceback, and no
+    file left in --logdir."""
+    _blobs(tmp_path / "img", (20, 20), 4)
+    _blobs(tmp_path / "other", (20, 20), 2)
+    os.rename(tmp_path / "other" / "im0.png", tmp_path / "other" / "zz0.png")
+    os.rename(tmp_path / "other" / "im1.png", tmp_path / "other" / "zz1.png")
+    images = f"--images={tmp_path / 'img'}"
+    cases = [
+        ([images, "--steps=0"], "--steps=0: give the number of training steps"),
+        ([images, "--steps=-5"], "--steps=-5: give the number of training steps"),
+        ([images, f"--pairs=list:{tmp_path / 'missing.csv'}"], "missing.csv"),
+        ([images, "--shape=28,28,28"], "--shape=28,28,28: give 2 values, one per axis of the 2-D images"),
+        ([images, "--shape=32"], "--shape=32: give 2 values"),
+        ([images, f"--labels={tmp_path / 'other'}"], str(tmp_path / "other")),
+    ]
+    for k, (args, message) in enumerate(cases):
+        logdir = tmp_path / f"run{k}"
+        proc = _command(*args, f"--logdir={logdir}", f"--export_dir={tmp_path / f'export{k}'}")
+        assert proc.returncode == 1, (args, proc.stderr[-2000:])
+        assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+        assert "np.int64" not in proc.stderr
+        assert not logdir.exists() or not os.listdir(logdir), (args, os.listdir(logdir))
+        assert not (tmp_path / f"export{k}").exists()
+
+
+def test_a_split_without_test_pairs_says_nothing_will_be_evaluated(tmp_path, capsys):
+    _blobs(tmp_path / "img", (20, 20), 4)
+    config = _config(f"--images={tmp_path / 'img'}", f"--logdir={tmp_path / 'run'}", "--steps=1",
+                     f"--export_dir={tmp_path / 'export'}", "--grid_spacing=4", "--batch_size=2", "--log_every=1")
+    result = train_api(config)
+    out = capsys.readouterr().out
+    assert "split {'train': 2, 'valid': 1, 'test': 1}" in out
+    assert "the test split holds 1 image(s) and no pair: nothing will be evaluated" in out
+    assert "the valid split holds 1 image(s) and no pair: no model selection" in out
+    assert "pairs" not in result and (tmp_path / "run" / "skipped.json").exists()
+
+
+def test_ctrl_c_prints_one_line_saying_how_to_resume(tmp_path):
+    import signal
+    import time
+
+    _blobs(tmp_path / "img", (20, 20), 4)
+    logdir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", f"--images={tmp_path / 'img'}",
+                             f"--logdir={logdir}", f"--export_dir={tmp_path / 'export'}", "--preset=paper",
+                             "--grid_spacing=4", "--batch_size=2", "--steps=100000", "--log_every=1",
+                             "--steps_per_execution=1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        for line in proc.stdout:  # wait until training runs
+            if "step " in line and "/100000" in line:
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert f"interrupted: run the same command again to resume from the last checkpoint in {logdir}" in err
+    assert len(err.strip().splitlines()) <= 3, err
+
+
+def test_registration_figure_shows_different_fixed_images_first():
+    """--pairs=random test pairs often share a fixed image; the figure takes pairs of new fixed images first."""
+    from dirnet_tf.pairs import evaluation_pairs
+    from dirnet_tf.plotting import distinct_first
+
+    pairs = np.asarray(evaluation_pairs(list(range(10)), "random", max_pairs=50, seed=0))
+    shown = distinct_first(pairs[:, 0], 8)
+    assert len(shown) == 8 and len(set(pairs[shown, 0].tolist())) == 8
+    assert distinct_first([3, 3, 3, 4], 8) == [0, 3, 1, 2] and distinct_first([1, 2], 1) == [0]

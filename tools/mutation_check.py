@@ -187,7 +187,7 @@ MUTATIONS = [
     ),
     Mutation(
         name="contour_metrics_hd95_in_pixels",
-        file="experiments/cardiac.py",
+        file="dirnet_tf/evaluation.py",
         old='                values[f"hd95_mm_{when}"][i] = metrics.hd95(fixed, mask, spacing)',
         new='                values[f"hd95_mm_{when}"][i] = metrics.hd95(fixed, mask)',
         tests=("tests/test_cardiac_experiment.py::test_contour_metrics_hd95_mad_in_mm_with_anisotropic_spacing",),
@@ -195,10 +195,10 @@ MUTATIONS = [
     ),
     Mutation(
         name="register_rgb_grey_channel_mean",
-        file="experiments/register.py",
-        old="            array = (array[..., :3].astype(np.float64) @ LUMA)[..., None].astype(np.float32)",
-        new="            array = array[..., :3].mean(axis=-1, keepdims=True)",
-        tests=("tests/test_register.py::test_rgb_input_is_converted_to_luma_grey",),
+        file="dirnet_tf/register_engine.py",
+        old="            array = readers.rgb_to_grey(array)[..., None].astype(np.float32)",
+        new="            array = array[..., :3].mean(axis=-1, keepdims=True).astype(np.float32)",
+        tests=("tests/test_register_engine.py::test_rgb_input_is_converted_to_luma_grey",),
         bug="RGB input turned grey by the channel mean instead of ITU-R 601 luma (PNG, .npy and "
             "the readers disagree)",
     ),
@@ -216,16 +216,32 @@ MUTATIONS = [
         file="dirnet_tf/losses.py",
         old='SIMILARITIES = {"ncc": ncc_loss, "lncc": local_ncc_loss, "mse": mse_loss}',
         new='SIMILARITIES = {"ncc": ncc_loss, "lncc": ncc_loss, "mse": mse_loss}',
-        tests=("tests/test_common.py::test_similarity_lncc_flag_reaches_local_ncc",),
+        tests=("tests/test_training.py::test_similarity_lncc_flag_reaches_local_ncc",),
         bug="--similarity=lncc trains with the global NCC loss",
     ),
     Mutation(
         name="register_npy_output_clipped",
-        file="experiments/register.py",
+        file="dirnet_tf/register_outputs.py",
         old="        np.save(path, image.astype(np.float32))",
         new="        np.save(path, np.clip(image, 0.0, 1.0).astype(np.float32))",
         tests=("tests/test_register.py::test_npy_output_is_the_models_warped_image",),
         bug="the .npy output of experiments.register is clipped to [0, 1]",
+    ),
+    Mutation(
+        name="mean_displacement_is_length_of_mean",
+        file="dirnet_tf/evaluation.py",
+        old="    length = np.linalg.norm(disp, axis=-1)\n",
+        new="    length = np.linalg.norm(disp.mean(axis=tuple(range(1, disp.ndim - 1)), keepdims=True), axis=-1)\n",
+        tests=("tests/test_evaluation.py::test_displacement_length_is_the_mean_length_not_the_length_of_the_mean",),
+        bug="evaluation reports the length of the mean signed displacement instead of the mean length",
+    ),
+    Mutation(
+        name="endpoint_error_against_minus_true",
+        file="dirnet_tf/synthetic.py",
+        old="    error = np.linalg.norm((predicted - true) * np.asarray(spacing, np.float64), axis=-1)\n",
+        new="    error = np.linalg.norm((predicted + true) * np.asarray(spacing, np.float64), axis=-1)\n",
+        tests=("tests/test_synthetic.py::test_endpoint_error_against_a_nonzero_true_field_by_hand",),
+        bug="synthetic.endpoint_error compares the recovered field against -true",
     ),
 ]
 
