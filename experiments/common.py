@@ -125,7 +125,7 @@ def run_experiment(run, defaults, errors=(), presets=None, typed=False):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
         import_tensorflow_quietly()
-        from dirnet_tf.trainer import TrainingDivergedError
+        from dirnet_tf.trainer import TrainingDivergedError, TrainingInterrupted
 
         expected = (FileNotFoundError, ValueError, TrainingDivergedError) + tuple(errors)
         interrupted = []
@@ -142,8 +142,10 @@ def run_experiment(run, defaults, errors=(), presets=None, typed=False):
         except BaseException as exc:  # noqa: BLE001 - sorted below; anything unexpected is raised again
             # TensorFlow may turn a KeyboardInterrupt raised while it traces into another exception.
             if interrupted or isinstance(exc, KeyboardInterrupt):
-                print(f"interrupted: run the same command again to resume from the last checkpoint in "
-                      f"{flags.FLAGS['logdir'].value}", file=sys.stderr, flush=True)
+                message = str(exc) if isinstance(exc, TrainingInterrupted) else (
+                    "interrupted: run the same command again to resume from the last checkpoint in "
+                    f"{flags.FLAGS['logdir'].value}")
+                print(message, file=sys.stderr, flush=True)
                 return 130
             if isinstance(exc, expected):
                 print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -157,38 +159,7 @@ def run_experiment(run, defaults, errors=(), presets=None, typed=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Shims: the names below moved into the library (dirnet_tf.config / dirnet_tf.training); they stay
-# here only until the worked examples (experiments.echo, experiments.brain3d) and their tests have
-# switched.  Do not use them in new code.
-
-def parse_int_list(text):
-    """Moved: :func:`dirnet_tf.config.parse_int_list`."""
-    from dirnet_tf.config import parse_int_list as moved
-
-    return moved(text)
-
-
-def train_and_export(config, image_shape, sampler, validation=None, strategy=None, channels=1, panel_pairs=8,
-                     **metadata):
-    """Moved: :func:`dirnet_tf.training.train_and_export`."""
-    from dirnet_tf.training import train_and_export as moved
-
-    return moved(config, image_shape, sampler, validation, strategy, channels, panel_pairs, **metadata)
-
-
-def record_metrics(config, run, metrics, **extra):
-    """Moved: :func:`dirnet_tf.training.record_metrics`."""
-    from dirnet_tf.training import record_metrics as moved
-
-    return moved(config, run, metrics, **extra)
-
-
-def write_metrics(config, metrics):
-    """Moved: :func:`dirnet_tf.training.write_metrics` (``logdir`` instead of the config)."""
-    from dirnet_tf.training import as_config, write_metrics as moved
-
-    return moved(as_config(config).logdir, metrics)
-
+# Shim: moved into the library; kept only until tests/test_inference.py imports the new name.
 
 def export(trainer, config, image_shape, channels=1, **metadata):
     """Moved: :func:`dirnet_tf.training.export_model`."""

@@ -92,52 +92,5 @@ def main():
     common.run_experiment(run, DEFAULTS, errors=(InputError,), presets=PRESETS, typed=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# Shims: moved into the library; kept only until experiments.echo / experiments.brain3d and their
-# tests have switched (see /tmp/plan-status.md).  Do not use them in new code.
-
-def _floats(text, what):
-    from dirnet_tf.config import parse_floats
-
-    return parse_floats(text, what)
-
-
-def load_collection(config):
-    """Moved: :func:`dirnet_tf.train_data.load_collection`."""
-    from dirnet_tf.train_data import load_collection as moved
-    from dirnet_tf.training import as_config
-
-    return moved(as_config(config))
-
-
-def make_splits_and_pairs(config, data):
-    """Moved: :func:`dirnet_tf.train_data.make_splits_and_pairs`."""
-    from dirnet_tf.train_data import make_splits_and_pairs as moved
-    from dirnet_tf.training import as_config
-
-    return moved(as_config(config), data)
-
-
-def synthetic_scores(predicted, test, spacing, boundary="border"):
-    """Moved: :func:`dirnet_tf.evaluation.synthetic_scores`."""
-    from dirnet_tf.evaluation import synthetic_scores as moved
-
-    return moved(predicted, test, spacing, boundary)
-
-
-def evaluate(fn, data, eval_pairs, boundary, spacing, timing_batch_size=8):
-    """Moved: :func:`dirnet_tf.evaluation.evaluate_test_pairs`."""
-    from dirnet_tf.evaluation import evaluate_test_pairs
-
-    return evaluate_test_pairs(fn, data, eval_pairs, boundary, spacing, timing_batch_size)
-
-
-def run_example(config, name, report, print_summary, figures, portable_path):
-    """Moved: :func:`dirnet_tf.training.train_with_report`."""
-    from dirnet_tf.training import train_with_report
-
-    return train_with_report(config, name, report, print_summary, figures, portable_path)
-
-
 if __name__ == "__main__":
     main()
