@@ -189,8 +189,7 @@ def export_model(trainer, config, image_shape, channels=1, **metadata):
     The metadata (``assets/dirnet.json``, :func:`dirnet_tf.export_metadata.model_metadata`) holds
     image shape and channels, grid spacing, boundary, passes, the composed steps, the library
     version, ``default_spacing`` (mm, for formats without a voxel size; None when not set),
-    ``config`` (:meth:`TrainConfig.to_dict`; also under ``flags``, the key earlier readers use)
-    and the caller's ``metadata`` (e.g. ``model_grid``, ``spacing_mm``, ``displacement_units``).
+    ``config`` (:meth:`TrainConfig.to_dict`) and the caller's ``metadata`` (e.g. ``model_grid``, ``spacing_mm``, ``displacement_units``).
 
     Returns
     -------
@@ -202,7 +201,7 @@ def export_model(trainer, config, image_shape, channels=1, **metadata):
 
     config = as_config(config)
     record = config.to_dict()
-    info = model_metadata(trainer.model, image_shape, channels, config=record, flags=record,
+    info = model_metadata(trainer.model, image_shape, channels, config=record,
                           default_spacing=parse_floats(config.default_spacing, "default_spacing"), **metadata)
     export_dir = export_saved_model(trainer.model, config.export_dir, image_shape, channels, info)
     print(f"[export] SavedModel written to {export_dir}", flush=True)
