@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from dirnet_tf import pairs, readers, synthetic
+from dirnet_tf import image_lists, pair_plans, pairs, readers, synthetic
 from dirnet_tf.config import parse_floats, parse_int_list
 from dirnet_tf.files import write_json
 from dirnet_tf.preprocessing import ModelGrid
@@ -72,10 +72,10 @@ def load_collection(config):
         raise readers.InputError("--images is required: a folder, a glob, a .csv/.txt list or a file")
     ndim = config.ndim or None
     default_spacing = parse_floats(config.default_spacing, "default_spacing")
-    entries, skipped = readers.list_images(config.images, config.labels, ndim, default_spacing)
+    entries, skipped = image_lists.list_images(config.images, config.labels, ndim, default_spacing)
     for path, reason in skipped:
         print(f"[data] skipped {path}: {reason}", flush=True)
-    needed = 1 if pairs.parse_pairs_spec(config.pairs)[0] == "synthetic" else 2
+    needed = 1 if pair_plans.parse_pairs_spec(config.pairs)[0] == "synthetic" else 2
     if len(entries) < needed:
         raise readers.InputError(f"--images={config.images}: {len(entries)} usable image; registration "
                                  "needs at least two (--pairs=synthetic: one)")
@@ -110,8 +110,8 @@ def load_collection(config):
 def split_images(config, groups):
     """Train / valid / test image indices: by group, or in time with ``split_within_groups``."""
     if config.split_within_groups:
-        return pairs.split_within_groups(groups, config.split)
-    return pairs.split_by_group(groups, config.split, config.split_seed)
+        return pair_plans.split_within_groups(groups, config.split)
+    return pair_plans.split_by_group(groups, config.split, config.split_seed)
 
 
 def make_splits_and_pairs(config, data):
@@ -125,27 +125,27 @@ def make_splits_and_pairs(config, data):
         ``pairs="synthetic"`` see :func:`synthetic_plan`.
     """
     groups, names = data["groups"], data["names"]
-    mode, argument = pairs.parse_pairs_spec(config.pairs)
+    mode, argument = pair_plans.parse_pairs_spec(config.pairs)
     if mode == "synthetic":
         return synthetic_plan(config, data)
     atlas_index = listed = None
     if mode == "atlas":
-        atlas_index = pairs.find_image(argument, names)
+        atlas_index = pair_plans.find_image(argument, names)
         if atlas_index is None:
-            raise pairs.PairingError(f"--pairs=atlas:{argument}: the atlas is not one of --images; add it "
+            raise pair_plans.PairingError(f"--pairs=atlas:{argument}: the atlas is not one of --images; add it "
                                      "to the images (it is used as the fixed image of every pair)")
     if mode == "list":
-        listed = pairs.read_pair_list(argument, names)
+        listed = pair_plans.read_pair_list(argument, names)
     split = split_images(config, groups)
     if atlas_index is not None:  # the atlas is the fixed image of every split
         split = {k: np.union1d(v, [atlas_index]) if len(v) else v for k, v in split.items()}
     options = dict(max_frame_gap=config.max_frame_gap, atlas_index=atlas_index, pairs=listed, names=names)
     out = {"splits": split, "mode": mode,
-           "sampler_pairs": pairs.pair_candidates(groups, mode, subset=split["train"], **options)}
+           "sampler_pairs": pair_plans.pair_candidates(groups, mode, subset=split["train"], **options)}
     for name, seed in (("valid", 1), ("test", 0)):
         members = split[name]
         usable = len(members) >= 2 if mode != "atlas" else len(members) >= 1
-        out[name] = (pairs.evaluation_pairs(groups, mode, subset=members, max_pairs=config.eval_pairs,
+        out[name] = (pair_plans.evaluation_pairs(groups, mode, subset=members, max_pairs=config.eval_pairs,
                                             seed=seed, **options) if usable else np.zeros((0, 2), np.int64))
     return out
 
@@ -183,7 +183,7 @@ def synthetic_plan(config, data):
     out = {"splits": split, "mode": "synthetic", "sampler_pairs": None, "deformation": deformation, "sources": {}}
     count = int(config.eval_pairs)
     if count < 1:
-        raise pairs.PairingError(f"--eval_pairs={count}: give a whole number >= 1")
+        raise pair_plans.PairingError(f"--eval_pairs={count}: give a whole number >= 1")
     for name, stream in (("valid", synthetic.VALID), ("test", synthetic.TEST)):
         members = split[name] if len(split[name]) else split["train"]
         out["sources"][name] = "held-out images" if len(split[name]) else "training images"

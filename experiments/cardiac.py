@@ -235,7 +235,7 @@ def run(config):
 
 def main():
     """Command line: apply this experiment's defaults, then parse flags and run."""
-    common.run_experiment(run, DEFAULTS, errors=(CardiacDataError,), typed=True)
+    common.run_experiment(run, DEFAULTS, errors=(CardiacDataError,))
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def apply_preset(presets, name):
             flags.FLAGS[flag].value = value
 
 
-def run_experiment(run, defaults, errors=(), presets=None, typed=False):
+def run_experiment(run, defaults, errors=(), presets=None):
     """Command-line entry of a command: defaults, flag parsing, clean errors.
 
     Applies ``defaults`` to the flags, parses the command line with ``absl.app``, hides
@@ -116,9 +116,6 @@ def run_experiment(run, defaults, errors=(), presets=None, typed=False):
     presets : dict or None
         ``name -> {flag: value}`` selected by a ``--preset`` flag of the command: applied after
         parsing to the flags not given on the command line.
-    typed : bool
-        ``run`` takes the :class:`TrainConfig` (otherwise, until every command has switched, the
-        dict :func:`flags_dict`).
     """
 
     def main(argv):
@@ -138,7 +135,7 @@ def run_experiment(run, defaults, errors=(), presets=None, typed=False):
         try:
             if presets:
                 apply_preset(presets, flags.FLAGS["preset"].value)
-            run(config_from_flags() if typed else flags_dict())
+            run(config_from_flags())
         except BaseException as exc:  # noqa: BLE001 - sorted below; anything unexpected is raised again
             # TensorFlow may turn a KeyboardInterrupt raised while it traces into another exception.
             if interrupted or isinstance(exc, KeyboardInterrupt):
@@ -157,12 +154,3 @@ def run_experiment(run, defaults, errors=(), presets=None, typed=False):
         flags.FLAGS.set_default(name, value)
     app.run(lambda argv: sys.exit(main(argv)))
 
-
-# ----------------------------------------------------------------------------------------------
-# Shim: moved into the library; kept only until tests/test_inference.py imports the new name.
-
-def export(trainer, config, image_shape, channels=1, **metadata):
-    """Moved: :func:`dirnet_tf.training.export_model`."""
-    from dirnet_tf.training import export_model
-
-    return export_model(trainer, config, image_shape, channels, **metadata)

@@ -253,7 +253,7 @@ def main():
         import_tensorflow_quietly()
         return run(config)
 
-    common.run_experiment(quiet_run, DEFAULTS, errors=(readers.InputError,), presets=PRESETS, typed=True)
+    common.run_experiment(quiet_run, DEFAULTS, errors=(readers.InputError,), presets=PRESETS)
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def run(config):
 
 def main():
     """Command line: apply this experiment's defaults, then parse flags and run."""
-    common.run_experiment(run, DEFAULTS, errors=(mnist_data.MnistDataError,), presets=PRESETS, typed=True)
+    common.run_experiment(run, DEFAULTS, errors=(mnist_data.MnistDataError,), presets=PRESETS)
 
 
 if __name__ == "__main__":

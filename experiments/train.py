@@ -89,7 +89,7 @@ def main():
     """Command line: apply this command's defaults, then parse flags and run."""
     from dirnet_tf.readers import InputError
 
-    common.run_experiment(run, DEFAULTS, errors=(InputError,), presets=PRESETS, typed=True)
+    common.run_experiment(run, DEFAULTS, errors=(InputError,), presets=PRESETS)
 
 
 if __name__ == "__main__":

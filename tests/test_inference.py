@@ -128,15 +128,15 @@ def test_export_of_composed_steps_serves_every_step(tmp_path):
 
 
 def test_experiment_export_records_the_steps_of_composed_models_only(tmp_path):
-    """``experiments.common.export``: a composed model's metadata lists its steps; the paper's does not,
+    """``dirnet_tf.training.export_model``: a composed model's metadata lists its steps; the paper's does not,
     and its signature keeps exactly ``warped`` and ``displacement``."""
     from types import SimpleNamespace
 
     import dirnet_tf
-    from experiments.common import export
+    from dirnet_tf.training import export_model
 
     for name, model in (("composed", _composed_model(("affine", 4))), ("paper", dirnet_tf.DIRNet(SHAPE, 4, filters=4))):
-        path = export(SimpleNamespace(model=model), {"export_dir": str(tmp_path / name)}, SHAPE)
+        path = export_model(SimpleNamespace(model=model), {"export_dir": str(tmp_path / name)}, SHAPE)
         fn, metadata = load_export(path)
         outputs = set(fn.structured_outputs)
         if name == "paper":

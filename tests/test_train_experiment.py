@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from dirnet_tf import metrics, train_data
+from dirnet_tf import metrics, pair_plans, train_data
 from dirnet_tf.config import PRESETS
 from dirnet_tf.readers import InputError
 from dirnet_tf.training import train as train_api
@@ -185,14 +185,12 @@ def test_synthetic_pairs_in_3d_with_held_out_volumes_and_a_mask(tmp_path):
 
 
 def test_synthetic_mode_parsing_and_one_image_rules(tmp_path):
-    from dirnet_tf import pair_plans as pairs
-
-    assert pairs.parse_pairs_spec("synthetic") == ("synthetic", None)
-    with pytest.raises(pairs.PairingError, match="takes no argument"):
-        pairs.parse_pairs_spec("synthetic:3")
-    assert pairs.pair_candidates(["a"], "synthetic") is None
-    with pytest.raises(pairs.PairingError, match="synthetic_evaluation_pairs"):
-        pairs.evaluation_pairs(["a"], "synthetic")
+    assert pair_plans.parse_pairs_spec("synthetic") == ("synthetic", None)
+    with pytest.raises(pair_plans.PairingError, match="takes no argument"):
+        pair_plans.parse_pairs_spec("synthetic:3")
+    assert pair_plans.pair_candidates(["a"], "synthetic") is None
+    with pytest.raises(pair_plans.PairingError, match="synthetic_evaluation_pairs"):
+        pair_plans.evaluation_pairs(["a"], "synthetic")
     _blobs(tmp_path / "img", (20, 20), 1)
     with pytest.raises(InputError, match="needs at least two"):  # one image is enough only for synthetic pairs
         train_data.load_collection(_config(f"--images={tmp_path / 'img'}"))

@@ -243,6 +243,14 @@ MUTATIONS = [
         tests=("tests/test_synthetic.py::test_endpoint_error_against_a_nonzero_true_field_by_hand",),
         bug="synthetic.endpoint_error compares the recovered field against -true",
     ),
+    Mutation(
+        name="nifti_qform_instead_of_sform",
+        file="dirnet_tf/readers.py",
+        old="    affine = nifti_affine(img.header)\n",
+        new="    affine = np.asarray(img.header.get_qform(), dtype=float)\n",
+        tests=("tests/test_readers.py::test_nifti_sform_wins_when_its_code_is_set",),
+        bug="NIfTI read through the qform instead of the sform (most test files have sform = qform)",
+    ),
 ]
 
 
