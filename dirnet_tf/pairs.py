@@ -21,12 +21,6 @@ import tensorflow as tf
 
 from dirnet_tf.pair_plans import PairingError, pair_index_array, require_two_images
 
-# Shim: the pairing plans moved to dirnet_tf.pair_plans; re-exported here only until every
-# importer (dirnet_tf/train_data.py) imports them from there.
-from dirnet_tf.pair_plans import (  # noqa: F401,E402
-    PAIR_MODES, SPLIT_NAMES, evaluation_pairs, find_image, pair_candidates, parse_pairs_spec, parse_split,
-    read_pair_list, split_by_group, split_within_groups)
-
 __all__ = [
     "same_group_pair_sampler", "pair_list_sampler", "random_pair_sampler", "make_input_iterator",
     "validation_batches",

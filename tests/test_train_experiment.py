@@ -270,7 +270,7 @@ def test_ctrl_c_prints_one_line_saying_how_to_resume(tmp_path):
 
 def test_registration_figure_shows_different_fixed_images_first():
     """--pairs=random test pairs often share a fixed image; the figure takes pairs of new fixed images first."""
-    from dirnet_tf.pairs import evaluation_pairs
+    from dirnet_tf.pair_plans import evaluation_pairs
     from dirnet_tf.plotting import distinct_first
 
     pairs = np.asarray(evaluation_pairs(list(range(10)), "random", max_pairs=50, seed=0))
