@@ -574,17 +574,3 @@ def read_labels(path, ndim=None):
             raise ImageReadError(f"{image.source}: not an integer label map (values must be whole numbers)")
         image.array = values.astype(np.int32)
     return images
-
-
-
-# Shim while experiments/train.py and dirnet_tf/train_data.py still call readers.list_images:
-# the collections moved to dirnet_tf.image_lists.  Delete once nothing uses it.
-_MOVED_TO_IMAGE_LISTS = ("list_images", "Entry", "file_stem")
-
-
-def __getattr__(name):
-    if name in _MOVED_TO_IMAGE_LISTS:
-        from dirnet_tf import image_lists  # noqa: PLC0415 - image_lists imports this module
-
-        return getattr(image_lists, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
