@@ -115,7 +115,8 @@ def run_experiment(run, defaults, errors=(), presets=None):
         Command-specific expected errors.
     presets : dict or None
         ``name -> {flag: value}`` selected by a ``--preset`` flag of the command: applied after
-        parsing to the flags not given on the command line.
+        parsing to the flags not given on the command line.  ``--preset`` is a string flag (commands
+        loaded into one process share it); a name not in ``presets`` is an error naming the choices.
     """
 
     def main(argv):

@@ -38,12 +38,12 @@ define_flag("bool", "select_best", True, "Evaluate/export the checkpoint with th
                   "(otherwise the last one).")
 define_flag("bool", "evaluate", True, "Evaluate on the test pairs after training (needs --export).")
 define_flag("bool", "export", True, "Write the SavedModel after training.")
-define_flag("enum", "preset", "", "A named setting (flags given on the command line still win): "
+define_flag("string", "preset", "", "A named setting (flags given on the command line still win): "
             "'paper' -- the paper's model (one regressor pass, no constraint, no regulariser); 'additive' -- "
             "an earlier default (additive passes, folding penalty); 'accurate' -- stages 8 and 4 only, three "
             "passes each, trained stage-wise, with a folding penalty; empty: the default, folding-free by "
             "construction (bounded composed steps, stages 8, 4 and 2 trained one after another, symmetric, "
-            "normalised inputs, inverse-consistency loss).", ["", "paper", "additive", "accurate"])
+            "normalised inputs, inverse-consistency loss).")
 flags.adopt_module_key_flags(common)  # --help lists every flag of the command (defined in common)
 
 FLAGS = flags.FLAGS

@@ -32,7 +32,7 @@ export (``assets/dirnet.json``, key ``model_grid``); displacements are in **voxe
 model grid, ij (array) order**; ``metrics.json`` also gives them in mm.
 
 **Pairs** (``--pairs``): ``random``, ``within_group``, ``sequence`` (frames of one group at
-most ``--max_frame_gap`` apart), ``atlas:PATH``, ``list:CSV`` (see :mod:`dirnet_tf.pairs`), or
+most ``--max_frame_gap`` apart), ``atlas:PATH``, ``list:CSV`` (see :mod:`dirnet_tf.pair_plans`), or
 ``synthetic``: every pair is one image and a copy of it deformed by a known random smooth field
 (:mod:`dirnet_tf.synthetic`): ``moving`` = the image, ``fixed`` = the image warped by the field ``u``
 (so ``warp(moving, u) == fixed`` exactly and ``u`` is the true answer on the fixed grid), each with
@@ -68,9 +68,9 @@ from experiments import common
 from experiments.common import define_flag
 
 common.define_flags(GROUPS)
-define_flag("enum", "preset", "", "A named setting (flags given on the command line still win): 'paper' -- the "
+define_flag("string", "preset", "", "A named setting (flags given on the command line still win): 'paper' -- the "
             "paper's model (one B-spline stage at --grid_spacing, one regressor pass, no constraint, no "
-            "regulariser); empty: the default, the folding-free composed model.", ["", "paper"])
+            "regulariser); empty: the default, the folding-free composed model.")
 flags.adopt_module_key_flags(common)  # --help lists every flag of the command (defined in common)
 
 # The settings of this command are TrainConfig's defaults; the output folders are named after it.

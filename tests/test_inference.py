@@ -9,11 +9,11 @@ import tensorflow as tf
 from scipy import ndimage
 
 from dirnet_tf.inference import export_saved_model, load_export, predict, time_per_pair
-from test_trainer import SHAPE, _images, _model
+from test_trainer import SHAPE, blob_images, small_model
 
 
 def test_export_is_atomic_and_matches_the_model(tmp_path):
-    model = _model()
+    model = small_model()
     rng = np.random.default_rng(1)
     final = model.regressor.trainable_variables[-2:]
     for v in final:  # a non-trivial deformation
@@ -28,7 +28,7 @@ def test_export_is_atomic_and_matches_the_model(tmp_path):
         assert json.load(f) == {"grid_spacing": 4}
     fn, metadata = load_export(str(target))
     assert metadata == {"grid_spacing": 4}
-    images, _ = _images(6)
+    images, _ = blob_images(6)
     out = fn(fixed=tf.constant(images[:3]), moving=tf.constant(images[3:]))
     assert set(out) == {"warped", "displacement"}
     assert out["warped"].shape == (3,) + SHAPE + (1,) and out["displacement"].shape == (3,) + SHAPE + (2,)
@@ -52,8 +52,8 @@ def test_a_failing_export_leaves_the_previous_one_intact(tmp_path, monkeypatch):
     first (then saving in place) would lose it when the second save fails half-way."""
     import dirnet_tf.inference as inference
 
-    model = _model()
-    images, _ = _images(6)
+    model = small_model()
+    images, _ = blob_images(6)
     target = tmp_path / "m"
     export_saved_model(model, str(target), SHAPE, 1, metadata={"version": 1})
     before = sorted(os.listdir(target))
@@ -107,7 +107,7 @@ def test_export_of_composed_steps_serves_every_step(tmp_path):
     assert metadata["grid_spacing"] == 4
     assert metadata["steps"] == [{"kind": "affine", "grid_spacing": None, "output": "step_0"}] + [
         {"kind": "spline", "grid_spacing": [s, s], "output": f"step_{n}"} for n, s in ((1, 8), (2, 8), (3, 4), (4, 4))]
-    images, _ = _images(4)
+    images, _ = blob_images(4)
     out = fn(fixed=tf.constant(images[:2]), moving=tf.constant(images[2:]))
     assert set(out) == {"warped", "displacement"} | {f"step_{n}" for n in range(5)}
     assert out["step_0"].shape == (2, 6) and out["step_1"].shape == (2, 5, 5, 2) and out["step_3"].shape == (2, 7, 7, 2)
@@ -168,8 +168,8 @@ def test_export_logs_nothing_and_leaves_the_loggers_as_they_were(tmp_path):
         for logger in loggers:
             logger.setLevel(logging.DEBUG)
             logger.addHandler(handler)
-        export_saved_model(_model(), str(tmp_path / "m"), SHAPE, 1)
-        export_saved_model(_model(), str(tmp_path / "m"), SHAPE, 1)
+        export_saved_model(small_model(), str(tmp_path / "m"), SHAPE, 1)
+        export_saved_model(small_model(), str(tmp_path / "m"), SHAPE, 1)
         assert [r.getMessage() for r in records if r.levelno < logging.ERROR] == []
         assert [logger.level for logger in loggers] == [logging.DEBUG, logging.DEBUG]
         logging.getLogger("absl").info("shown again")  # the filter is gone after the export

@@ -14,7 +14,7 @@ from dirnet_tf.trainer import Trainer, TrainingDivergedError
 SHAPE = (16, 16)
 
 
-def _images(n=40, seed=0):
+def blob_images(n=40, seed=0):
     """Blobs at random positions: enough structure for NCC to have gradients."""
     rng = np.random.default_rng(seed)
     ii, jj = np.meshgrid(np.arange(SHAPE[0]), np.arange(SHAPE[1]), indexing="ij")
@@ -26,16 +26,16 @@ def _images(n=40, seed=0):
 
 
 
-def _model():
+def small_model():
     return dirnet_tf.DIRNet(SHAPE, 4, filters=4)
 
 
 
 def _trainer(logdir, steps, sampler=None, **kw):
-    images, groups = _images()
+    images, groups = blob_images()
     sampler = sampler or same_group_pair_sampler(images, groups, 4, seed=3)
     kw = dict(dict(lr_schedule="constant", log_every=2, checkpoint_every=2, eval_every=0), **kw)
-    return Trainer(_model, sampler, str(logdir), steps=steps, batch_size=4, learning_rate=1e-2,
+    return Trainer(small_model, sampler, str(logdir), steps=steps, batch_size=4, learning_rate=1e-2,
                    seed=1, print_fn=lambda *a: None, **kw)
 
 
@@ -124,7 +124,7 @@ def _nan_from_step(sampler, first_bad_step):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    images, groups = _images()
+    images, groups = blob_images()
     poisoned = _nan_from_step(same_group_pair_sampler(images, groups, 4, seed=0), 4)
     trainer = _trainer(tmp_path, 10, sampler=poisoned)
     with pytest.raises(TrainingDivergedError, match=r"nan at step 5.*ckpt-4"):
@@ -141,7 +141,7 @@ def test_mixed_precision_is_dtype_correct_on_cpu(tmp_path):
     assert keras_policy_name() == "float32"  # the global policy is restored
     result = trainer.train()
     assert np.isfinite(result["last_loss"])
-    images, _ = _images(4)
+    images, _ = blob_images(4)
     out = trainer.model({"fixed": images[:2], "moving": images[2:]})
     assert out["warped"].dtype == tf.float32 and out["displacement"].dtype == tf.float32
 
@@ -160,7 +160,7 @@ def _scripted_validation(trainer, script):
 
 
 def _validated_trainer(logdir, steps, script, **kw):
-    images, _ = _images(8)
+    images, _ = blob_images(8)
     validation = {"fixed": images[:4], "moving": images[4:]}
     return _scripted_validation(
         _trainer(logdir, steps, validation=validation, eval_every=2, panel_pairs=2, **kw), script)
@@ -193,7 +193,7 @@ def test_best_validation_checkpoint_is_selected_exported_and_survives_resume(tmp
         np.testing.assert_array_equal(a, b)
     assert max(np.abs(a - b).max() for a, b in zip(_weights(at4), _weights(at8))) > 1e-4
     # ... and so is the export.
-    images, _ = _images(6)
+    images, _ = blob_images(6)
     export_dir = export_saved_model(resumed.model, str(tmp_path / "export"), SHAPE, 1)
     served, _ = load_export(export_dir)
     out = served(fixed=tf.constant(images[:3]), moving=tf.constant(images[3:]))
@@ -206,7 +206,7 @@ def test_interrupted_run_resumes_to_the_same_weights_under_the_cosine_schedule(t
     bit-identical to an uninterrupted run, under the default cosine schedule (warm-up and
     decay depend on the step, so a schedule or optimizer state that is not restored, or a
     data stream that restarts, would differ)."""
-    images, groups = _images()
+    images, groups = blob_images()
     killed_after_step_4 = _nan_from_step(same_group_pair_sampler(images, groups, 4, seed=3), 4)
 
     straight = _trainer(tmp_path / "straight", 8, lr_schedule="cosine")
@@ -304,7 +304,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_finishes_it_first(tmp_path):
 def test_validation_and_panel_trace_the_eval_step_once(tmp_path):
     """Validation batches of uneven size and the panel's pairs run one traced graph (no
     'tf.function retracing' warnings)."""
-    images, _ = _images(10)
+    images, _ = blob_images(10)
     validation = {"fixed": images[:5], "moving": images[5:]}
     trainer = _trainer(tmp_path, 2, validation=validation, eval_every=2, panel_pairs=3)
     metrics = trainer.evaluate_validation(batch_size=2)  # batches of 2, 2, 1
