@@ -39,9 +39,7 @@ from collections import Counter
 
 import numpy as np
 
-# FORMAT, LABEL_NAMES, load_h5: a shim for experiments/cardiac.py and tests/test_cardiac_phantom.py, which still
-# reach them here; they live in data.cardiac_h5.  Delete them from this line once nothing does.
-from data.cardiac_h5 import FORMAT, LABEL_NAMES, SPLITS, load_h5, write_h5  # noqa: F401
+from data.cardiac_h5 import SPLITS, write_h5
 from data.sunnybrook_files import (
     GROUP_TO_SPLIT,
     SunnybrookError,

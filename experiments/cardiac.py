@@ -37,7 +37,7 @@ import numpy as np
 from absl import flags
 
 from data import cardiac_phantom
-from data.cardiac import (NUM_LABELS, STRUCTURES, CardiacDataError, ed_es_pairs, load_data,  # noqa: F401
+from data.cardiac import (NUM_LABELS, STRUCTURES, CardiacDataError, ed_es_pairs, load_data,
                           training_frames)
 from data.cardiac_h5 import SPLITS
 from dirnet_tf.config import PRESETS
