@@ -34,12 +34,11 @@ import os
 import pickle
 import struct
 import sys
-import tempfile
 
 import h5py
 import numpy as np
 
-from dirnet_tf.files import package_file
+from dirnet_tf.files import atomic_write, package_file
 
 DEFAULT_HDF5 = os.path.join("datasets", "mnist.h5")
 SPLITS = ("train", "valid", "test")
@@ -342,11 +341,8 @@ def convert(out=DEFAULT_HDF5, source=None, overwrite=False):
     else:
         resolved, fmt = os.path.abspath(source), source_format(source)
     splits = read_source(resolved)
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".mnist-", suffix=".h5.tmp", dir=directory)
-    os.close(fd)
-    try:
+
+    def write(tmp):
         with h5py.File(tmp, "w") as f:
             f.attrs["source"] = resolved
             f.attrs["source_format"] = fmt
@@ -362,10 +358,8 @@ def convert(out=DEFAULT_HDF5, source=None, overwrite=False):
                                      compression="gzip", compression_opts=1, shuffle=True)
                 group.create_dataset("labels", data=labels, dtype="int64")
         os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(out, write)
     return out
 
 
@@ -552,11 +546,12 @@ def save_eval_pairs(path, pairs, hdf5, split="test", seed=0, per_digit=100):
     """
     record = {"split": split, "seed": int(seed), "per_digit": int(per_digit), "hdf5": str(hdf5),
               "pairs": [[int(a), int(b), int(c)] for a, b, c in pairs]}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+
+    atomic_write(path, write)
 
 
 def draw_eval_pairs(path, hdf5=DEFAULT_HDF5, digits=tuple(range(10)), per_digit=100, seed=0):
