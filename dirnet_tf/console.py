@@ -10,9 +10,12 @@ raised inside TensorFlow and Keras.
 C++ log level is read once, when the library loads.  :func:`import_tensorflow_quietly` also hides
 the few C++ lines that TensorFlow writes before its log level applies (``I0000 ... port.cc``,
 ``cudart_stub.cc``, ``WARNING: All log messages before absl::InitializeLog() ...``); every other
-line it writes is passed on.  Neither changes anything the user set.
+line it writes is passed on.  Neither changes anything the user set.  :func:`quiet_tensorflow_logs`
+hides TensorFlow's info lines around a save (``Sharding callback duration``, ``Assets written to``,
+...), leaving the loggers as they were.
 """
 
+import contextlib
 import logging
 import os
 import re
@@ -20,7 +23,7 @@ import sys
 import tempfile
 import warnings
 
-__all__ = ["quiet_tensorflow", "import_tensorflow_quietly", "STARTUP_NOISE"]
+__all__ = ["quiet_tensorflow", "import_tensorflow_quietly", "quiet_tensorflow_logs", "STARTUP_NOISE"]
 
 # Third-party packages whose own deprecation warnings are hidden (they are not ours to fix).
 _NOISY_PACKAGES = r"(tensorflow|tf_keras|keras|absl|h5py|google\.protobuf|flatbuffers|ml_dtypes)(\..*)?$"
@@ -127,3 +130,55 @@ def import_tensorflow_quietly(level=None):
                 sys.stderr.write("\n".join(kept) + "\n")
                 sys.stderr.flush()
     return tensorflow
+
+
+# The Python loggers TensorFlow writes its notices to (``tf_logging`` and ``absl.logging``).
+_TENSORFLOW_LOGGERS = ("tensorflow", "absl")
+
+
+class _BelowLevel(logging.Filter):
+    """Drops the records below ``level``."""
+
+    def __init__(self, level):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record):
+        return record.levelno >= self.level
+
+
+@contextlib.contextmanager
+def quiet_tensorflow_logs(level=logging.ERROR):
+    """Hide TensorFlow's Python log records below ``level`` inside the block.
+
+    ``tf.saved_model.save`` and checkpoint saves log at info level (``Sharding callback
+    duration: N microseconds``, ``Function `serve` contains input name(s) resource with
+    unsupported characters``, ``Assets written to: ...``, ``Writing fingerprint to ...``),
+    which an ``absl.app`` program (verbosity info) prints.  Worse, ``tf.saved_model.save``
+    sets the absl verbosity to FATAL and back while it lists the objects to save, which
+    resets the ``absl`` logger's level to "inherit from the root logger" (info under
+    ``absl.app``): from then on every later checkpoint prints its ``Sharding callback``
+    line too, even where the program had set that logger to errors only.
+
+    Inside the block a filter on the ``tensorflow`` and ``absl`` loggers drops records below
+    ``level`` (a filter survives such resets); on leaving it, the filter is removed and the
+    levels of those loggers and of the root logger are set back to what they were.
+
+    Parameters
+    ----------
+    level : int
+        ``logging`` level of the records still shown (default: errors).
+    """
+    loggers = [logging.getLogger(name) for name in _TENSORFLOW_LOGGERS]
+    levels = [(logger, logger.level) for logger in loggers + [logging.getLogger()]]
+    below = _BelowLevel(level)
+    for logger in loggers:
+        logger.addFilter(below)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(below)
+        for logger, previous in levels:
+            if logger.level != previous:
+                logger.setLevel(previous)

@@ -7,13 +7,9 @@
   signature taking keyword ``fixed`` and ``moving``, and the export's metadata
   in ``assets/dirnet.json``;
 * :func:`load_export` -- load such a SavedModel (the compiled op first, with a
-  clear error when it is missing) and its metadata;
-* :func:`quiet_tensorflow_logs` -- hide TensorFlow's info lines (``Sharding callback
-  duration``, ``Assets written to``, ...) around a save, leaving the loggers as they were.
+  clear error when it is missing) and its metadata.
 """
 
-import contextlib
-import logging
 import math
 import os
 import shutil
@@ -25,63 +21,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dirnet_tf.console import quiet_tensorflow_logs
 from dirnet_tf.export_metadata import read_metadata, step_metadata, step_output, write_metadata
 from dirnet_tf.resample_op import load_ops
 
-__all__ = ["predict", "as_pair_function", "time_per_pair", "export_saved_model", "load_export",
-           "quiet_tensorflow_logs"]
-
-# The Python loggers TensorFlow writes its notices to (``tf_logging`` and ``absl.logging``).
-_TENSORFLOW_LOGGERS = ("tensorflow", "absl")
-
-
-class _BelowLevel(logging.Filter):
-    """Drops the records below ``level``."""
-
-    def __init__(self, level):
-        super().__init__()
-        self.level = level
-
-    def filter(self, record):
-        return record.levelno >= self.level
-
-
-@contextlib.contextmanager
-def quiet_tensorflow_logs(level=logging.ERROR):
-    """Hide TensorFlow's Python log records below ``level`` inside the block.
-
-    ``tf.saved_model.save`` and checkpoint saves log at info level (``Sharding callback
-    duration: N microseconds``, ``Function `serve` contains input name(s) resource with
-    unsupported characters``, ``Assets written to: ...``, ``Writing fingerprint to ...``),
-    which an ``absl.app`` program (verbosity info) prints.  Worse, ``tf.saved_model.save``
-    sets the absl verbosity to FATAL and back while it lists the objects to save, which
-    resets the ``absl`` logger's level to "inherit from the root logger" (info under
-    ``absl.app``): from then on every later checkpoint prints its ``Sharding callback``
-    line too, even where the program had set that logger to errors only.
-
-    Inside the block a filter on the ``tensorflow`` and ``absl`` loggers drops records below
-    ``level`` (a filter survives such resets); on leaving it, the filter is removed and the
-    levels of those loggers and of the root logger are set back to what they were.
-
-    Parameters
-    ----------
-    level : int
-        ``logging`` level of the records still shown (default: errors).
-    """
-    loggers = [logging.getLogger(name) for name in _TENSORFLOW_LOGGERS]
-    levels = [(logger, logger.level) for logger in loggers + [logging.getLogger()]]
-    below = _BelowLevel(level)
-    for logger in loggers:
-        logger.addFilter(below)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(below)
-        for logger, previous in levels:
-            if logger.level != previous:
-                logger.setLevel(previous)
-
+__all__ = ["predict", "as_pair_function", "time_per_pair", "export_saved_model", "load_export"]
 
 def predict(fn, fixed, moving, batch_size=256):
     """Run a registration model over arrays in batches.

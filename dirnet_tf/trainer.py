@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from dirnet_tf.files import write_json
-from dirnet_tf.inference import quiet_tensorflow_logs
+from dirnet_tf.console import quiet_tensorflow_logs
 from dirnet_tf.pairs import make_input_iterator, validation_batches
 from dirnet_tf.plotting import figure_to_image, registration_figure, volume_figure
 
