@@ -337,8 +337,9 @@ def decode_pil(path, palette=False, rgb=False):
                 img.load()
                 arrays.append(_frame_array(img, palette, rgb))
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for broken files
+        detail = str(exc).replace(f" {source!r}", "").replace(source, "the file")  # the message names it once
         raise ImageReadError(
-            f"{source}: unreadable or corrupt image file ({type(exc).__name__}: {exc}); "
+            f"{source}: unreadable or corrupt image file ({type(exc).__name__}: {detail}); "
             "re-export it or remove it from the input"
         ) from exc
     return arrays

@@ -91,7 +91,7 @@ def read_model_input(path, channels=1):
         else:
             array = readers.decode_pil(path, rgb=channels == 3)[0]  # grey, or RGB made grey below
     except Exception as exc:  # noqa: BLE001 - any decoder failure
-        raise RegisterError(f"cannot read image {path}: {exc}") from exc
+        raise RegisterError(f"cannot read image {path}: {readers.skip_reason(path, exc)}") from exc
     return model_input_array(array, channels, path)
 
 

@@ -58,8 +58,9 @@ def test_wrong_size_and_bad_files(tmp_path, export_dir, capsys):
     with pytest.raises(RegisterError, match="does not exist"):
         registration.register(export_dir, str(tmp_path / "nope.png"), str(tmp_path / "ok.png"))
     (tmp_path / "junk.png").write_bytes(b"not an image")
-    with pytest.raises(RegisterError, match="junk.png"):
+    with pytest.raises(RegisterError, match="junk.png") as info:
         registration.register(export_dir, str(tmp_path / "junk.png"), str(tmp_path / "ok.png"))
+    assert str(info.value).count("junk.png") == 1, str(info.value)  # the path named once (issue 25, 11)
     with pytest.raises(RegisterError, match="not a SavedModel"):
         registration.register(str(tmp_path), str(tmp_path / "ok.png"), str(tmp_path / "ok.png"))
 
