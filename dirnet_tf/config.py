@@ -28,7 +28,7 @@ MAX_STAGES = 3
 GROUPS = ("model", "objective", "optimisation", "run", "data", "pairing", "split", "synthetic", "evaluation")
 SHARED_GROUPS = ("model", "objective", "optimisation", "run")
 
-SIMILARITIES = ("ncc", "lncc", "mse")  # dirnet_tf.losses.SIMILARITIES (checked by a test)
+SIMILARITIES = ("ncc", "lncc", "mse", "mi")  # dirnet_tf.losses.SIMILARITIES (checked by a test)
 STRATEGIES = ("default", "mirrored", "multi_worker")  # dirnet_tf.trainer.STRATEGIES (checked by a test)
 NORMALIZE_MODES = ("percentile", "minmax", "none")  # dirnet_tf.preprocessing.NORMALIZE_MODES (checked)
 
@@ -94,7 +94,8 @@ class TrainConfig:
                                     "does not change the field).")
     # -- objective -----------------------------------------------------------------------------
     similarity: str = _field("ncc", "objective", "Similarity loss: ncc (global, the paper), lncc (local, "
-                             "9-pixel windows) or mse.", SIMILARITIES)
+                             "9-pixel windows), mse or mi (mutual information, for pairs of different contrast).",
+                             SIMILARITIES)
     bending_weight: float = _field(0.01, "objective", "Weight of the B-spline bending energy (0 = paper).")
     folding_weight: float = _field(1.0, "objective", "Weight of the Jacobian folding penalty (0 = paper).")
     inverse_consistency_weight: float = _field(
