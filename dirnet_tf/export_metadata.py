@@ -27,6 +27,13 @@ Keys (all optional except where a model needs them; units and axis order stated)
 ``model_grid``
     The preprocessing of a model trained on images of any size
     (:meth:`dirnet_tf.preprocessing.ModelGrid.to_dict`): shape, spacing in mm, normalisation.
+``space``
+    How a pair is brought onto the model grid at registration (model-grid exports):
+    ``"world"`` (written by :func:`model_metadata` for model-grid exports): fixed and moving
+    related through their headers, in world space (RAS+ mm; ``init=None`` of
+    :func:`dirnet_tf.register_engine.prepare_pair` resolves to ``"header"`` for images with
+    patient geometry); ``"array"``: each image on its own array axes and field-of-view centre.
+    Exports written before the key existed are ``"array"``, so they give the outputs they gave.
 ``default_spacing``
     Voxel size in mm given to image formats without one (PNG, NPY): a number or one per axis.
 ``config``
@@ -45,10 +52,12 @@ import os
 from dirnet_tf.spline_np import normalize_spacing
 from dirnet_tf.preprocessing import ModelGrid
 
-__all__ = ["METADATA_FILE", "ExportMetadataError", "ExportInfo", "step_output", "step_metadata",
+__all__ = ["METADATA_FILE", "SPACES", "ExportMetadataError", "ExportInfo", "step_output", "step_metadata",
            "model_metadata", "write_metadata", "read_metadata", "parse_metadata"]
 
 METADATA_FILE = os.path.join("assets", "dirnet.json")
+#: Values of the metadata's ``space``.
+SPACES = ("world", "array")
 
 
 class ExportMetadataError(ValueError):
@@ -92,7 +101,8 @@ def model_metadata(model, image_shape, channels=1, **extra):
         Model input size (voxels, ij order).
     channels : int
     **extra
-        Further keys (``model_grid``, ``default_spacing``, ``config``, ...), added as given.
+        Further keys (``model_grid``, ``default_spacing``, ``config``, ...), added as given.  With a
+        ``model_grid``, ``space`` is ``"world"`` unless given.
 
     Returns
     -------
@@ -108,6 +118,8 @@ def model_metadata(model, image_shape, channels=1, **extra):
     if steps is not None:
         record.update(stages=list(model.stages), bounded=bool(model.bounded), symmetric=bool(model.symmetric),
                       normalize_inputs=bool(model.normalize_inputs), steps=steps)
+    if extra.get("model_grid"):
+        record["space"] = "world"
     record.update(extra)
     return record
 
@@ -166,6 +178,9 @@ class ExportInfo:
     passes : int or None
     metadata : dict
         The raw metadata.
+    space : str
+        ``"world"`` (fixed and moving related through their headers) or ``"array"`` (each image
+        on its own array axes; exports without the ``space`` key).
     """
 
     shape: tuple
@@ -177,6 +192,7 @@ class ExportInfo:
     steps: list = None
     passes: int = None
     metadata: dict = dataclasses.field(default_factory=dict)
+    space: str = "array"
 
     @property
     def ndim(self):
@@ -267,7 +283,11 @@ def parse_metadata(metadata, path, shape, channels=1, served_outputs=None):
             raise ExportMetadataError(f"{path}: grid_spacing {metadata['grid_spacing']!r} in the metadata: "
                                       f"{exc}") from exc
     passes = metadata.get("passes")
+    space = metadata.get("space", "array")
+    if space not in SPACES:
+        raise ExportMetadataError(f"{path}: space {space!r} in the metadata must be one of {', '.join(SPACES)}")
     return ExportInfo(shape=shape, channels=int(channels), grid=grid, grid_spacing=spacing,
                       boundary=metadata.get("boundary", "border"), default_spacing=_default_spacing(metadata),
                       steps=_steps(metadata, path, len(shape), served_outputs),
-                      passes=None if passes is None else int(passes), metadata=metadata)
+                      passes=None if passes is None else int(passes), metadata=metadata,
+                      space=space)

@@ -10,6 +10,8 @@ Conventions (as :mod:`dirnet_tf.readers` and :mod:`dirnet_tf.preprocessing`):
   spacing), written as a RAS+ affine, so that ITK and elastix outputs of such images overlay
   the file as ITK reads it.
 * A **model grid** is the grid the network sees; :class:`dirnet_tf.preprocessing.GridTransform`
+  (per-axis scale and offset) or :class:`dirnet_tf.world_grid.AffineGridTransform` (a general
+  affine: the fixed grid in closest-RAS order, the moving image sampled through the headers)
   maps its voxel indices to the image's (:func:`model_affine` composes that with the image's
   affine).
 """
@@ -57,19 +59,22 @@ def image_affine(image):
 
 
 def model_affine(affine, grid_transform):
-    """4x4 model-grid voxel -> RAS+ mm: ``affine @ [[diag(scale), offset], [0, 1]]``.
+    """4x4 model-grid voxel -> RAS+ mm: ``affine @ G`` with ``G`` the grid transform's homogeneous matrix.
 
     Parameters
     ----------
     affine : array (4, 4)
         The original image's voxel -> RAS+ affine (:func:`image_affine`).
-    grid_transform : dirnet_tf.preprocessing.GridTransform
-        Model index -> image index of that image.
+    grid_transform : dirnet_tf.preprocessing.GridTransform or dirnet_tf.world_grid.AffineGridTransform
+        Model index -> image index of that image: its ``matrix()`` (``(ndim + 1, ndim + 1)``: a
+        per-axis scale and offset, or a general affine -- permuted, flipped, oblique) embedded
+        in 4x4 (2-D: ``k`` kept).
     """
+    m = np.asarray(grid_transform.matrix(), dtype=np.float64)
+    n = m.shape[0] - 1
     embed = np.eye(4)
-    n = grid_transform.ndim
-    embed[:n, :n] = np.diag(grid_transform.scale)
-    embed[:n, 3] = grid_transform.offset
+    embed[:n, :n] = m[:n, :n]
+    embed[:n, 3] = m[:n, n]
     return np.asarray(affine, dtype=np.float64) @ embed
 
 

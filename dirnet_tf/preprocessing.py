@@ -32,6 +32,12 @@ Voxels of the model grid outside the image's extent (more than half a voxel
 beyond its border voxel centres) are padding: value 0 after ``percentile`` or
 ``minmax`` normalisation, the image minimum with ``none``, label 0.
 
+This is one image on its own array axes (``init="array"`` of
+:func:`dirnet_tf.register_engine.prepare_pair`).  A pair related through its headers, in world
+space (``init="header"`` / ``"center"``), is prepared by :mod:`dirnet_tf.world_grid`, whose
+:class:`~dirnet_tf.world_grid.AffineGridTransform` (a general affine model index -> image
+index) has the same interface as :class:`GridTransform`.
+
 Both :class:`ModelGrid` and :class:`GridTransform` serialise to JSON, so the
 preprocessing can be stored with a model export and undone later.  No
 TensorFlow is needed here (numpy and scipy).

@@ -14,8 +14,13 @@ Geometry.  The model returns ``u_m`` (model voxels, ij order) on the fixed image
 a fixed voxel ``p_f`` (ij): ``q = T_f^-1(p_f)`` (model index of F), ``q' = q + u_m(q)`` (for a
 model of composed steps ``q' = phi_1(... phi_n(q))``), ``p_m = T_m(q')`` (voxel of the moving
 image M), and the warped image ``W(p_f) = M(p_m)`` (multilinear, original intensities; outside M
-as the export's ``boundary``).  The full description is the module docstring of
-``experiments/register.py``.
+as the export's ``boundary``).  ``T_f`` and ``T_m`` (model index -> image index) depend on
+``init`` (:func:`prepare_pair`): with ``"array"`` each is the diagonal map of its own image
+(:class:`dirnet_tf.preprocessing.GridTransform`); with ``"header"`` / ``"center"`` (world space,
+:mod:`dirnet_tf.world_grid`) ``T_f`` places the model grid in F's physical space (3-D: closest
+RAS+ axis order) and ``T_m = A_m^-1 (A_f T_f + t)`` is a general affine (``A``: voxel -> RAS+ mm,
+``t`` the initial translation in mm), so that every output carries the header relation.  The
+full description is the module docstring of ``experiments/register.py``.
 
 Units: voxel indices are ij order, integer at voxel centres; world coordinates RAS+ mm
 (:mod:`dirnet_tf.geometry`).  A prepared pair is a dict (keys documented at each step).
@@ -26,7 +31,7 @@ import os
 import numpy as np
 from scipy import ndimage
 
-from dirnet_tf import metrics, readers, spline_np
+from dirnet_tf import metrics, readers, spline_np, world_grid
 from dirnet_tf.geometry import image_affine, planar_parts, voxels_to_world
 from dirnet_tf.label_carrying import carry_labels
 from dirnet_tf.points import check_points_inside, read_points, table_to_fixed_voxels
@@ -34,7 +39,7 @@ from dirnet_tf.preprocessing import ModelGrid
 from dirnet_tf.readers import Image
 from dirnet_tf.register_errors import RegisterError
 
-__all__ = ["read_model_input", "model_input_array", "prepare_pair", "attach_labels", "attach_points",
+__all__ = ["INIT_MODES", "read_model_input", "model_input_array", "prepare_pair", "attach_labels", "attach_points",
            "infer", "finish", "fixed_slabs", "model_steps", "map_fixed_points", "summary"]
 
 
@@ -136,7 +141,24 @@ def _source_name(source, what):
     return os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"<{what} array>"
 
 
-def prepare_pair(model, fixed, moving, spacing=(None, None)):
+INIT_MODES = ("header", "center", "array")
+
+
+def _init_mode(model, images, init):
+    """The mode ``init`` resolves to for a model-grid export and the pair ``images`` (see :func:`prepare_pair`)."""
+    if init is None:
+        world = getattr(getattr(model, "info", None), "space", "array") == "world"
+        return "header" if world and all(image.affine is not None for image in images.values()) else "array"
+    if init == "header":
+        for name, image in images.items():
+            if image.affine is None:
+                raise RegisterError(f"the {name} image {image.source} has no patient geometry (a PNG/NPY file or an "
+                                    "array lives in pixel space), so init='header' cannot relate it to the other "
+                                    "image through its header; use --init=center (or --init=array)")
+    return init
+
+
+def prepare_pair(model, fixed, moving, spacing=(None, None), init=None):
     """Read and check one pair and bring it onto the model grid.
 
     Parameters
@@ -148,18 +170,44 @@ def prepare_pair(model, fixed, moving, spacing=(None, None)):
     spacing : pair
         mm per axis of the fixed and of the moving array (None: the export's default spacing,
         else 1 mm); ignored for files.
+    init : {None, "header", "center", "array"}
+        How fixed and moving are related (:mod:`dirnet_tf.world_grid`):
+
+        * ``"array"``: each image on the model grid along its own array axes, centred on its
+          own field of view (:meth:`dirnet_tf.preprocessing.ModelGrid.prepare`);
+        * ``"header"``: through their headers: the fixed model grid lies in the fixed image's
+          physical space (3-D: array axes permuted / flipped to the closest RAS+ order), the
+          moving image is sampled at the world positions (RAS+ mm) of its voxels; both images
+          need patient geometry;
+        * ``"center"``: as ``"header"``, the moving image sampled at ``x + t`` with ``t`` (RAS+
+          mm) the moving minus the fixed centre of mass of the normalised intensities (images
+          without patient geometry in their pixel space);
+        * None: ``"header"`` when both images have patient geometry and the export is a
+          world-space export (metadata ``"space": "world"``), else ``"array"``.
+
+        Exports without ``model_grid`` always use ``"array"``.
 
     Returns
     -------
     dict
         ``fixed``, ``moving``: model inputs float32 ``[*model_shape, channels]``;
         ``fixed_image``, ``moving_image``: :class:`dirnet_tf.readers.Image` on their own grids;
-        ``fixed_grid``, ``moving_grid``: :class:`dirnet_tf.preprocessing.GridTransform`
-        (model index -> image index); ``labels`` and ``points`` (None, see
+        ``fixed_grid``, ``moving_grid``: :class:`dirnet_tf.preprocessing.GridTransform` or
+        :class:`dirnet_tf.world_grid.AffineGridTransform` (model index -> image index);
+        ``init``: ``{"mode": "header" | "center" | "array", "translation_mm": [x, y, z]}``
+        (RAS+ mm, zeros unless ``center``); ``labels`` and ``points`` (None, see
         :func:`attach_labels`, :func:`attach_points`).
     """
+    if init is not None and init not in INIT_MODES:
+        raise RegisterError(f"init must be one of {', '.join(INIT_MODES)} (or None for the export's default), "
+                            f"got {init!r}")
     sources = {"fixed": fixed, "moving": moving}
     if model.grid is None:
+        if init in ("header", "center"):
+            raise RegisterError(f"the export {model.path} has no model grid: the fixed image "
+                                f"{_source_name(fixed, 'fixed')} and the moving image {_source_name(moving, 'moving')} "
+                                f"have no patient geometry and are registered on their pixel grids as they are "
+                                f"(init={init!r} needs a model-grid export); use --init=array")
         arrays = {}
         for name, source in sources.items():
             if isinstance(source, (str, os.PathLike)):
@@ -178,6 +226,7 @@ def prepare_pair(model, fixed, moving, spacing=(None, None)):
                   "fixed_image": Image(arrays["fixed"][..., 0], (1.0, 1.0), None, _source_name(fixed, "fixed")),
                   "moving_image": Image(arrays["moving"][..., 0], (1.0, 1.0), None, _source_name(moving, "moving")),
                   "fixed_grid": identity, "moving_grid": identity}
+        mode, translation = "array", np.zeros(3)
     else:
         if model.channels != 1:
             raise RegisterError(f"{model.path}: a model grid export with {model.channels} channels; "
@@ -188,11 +237,22 @@ def prepare_pair(model, fixed, moving, spacing=(None, None)):
                 images[name] = _read_one(model, os.fspath(source), name)
             else:
                 images[name] = _array_image(model, source, space, name)
-        fixed_array, fixed_grid = model.grid.prepare(images["fixed"])
-        moving_array, moving_grid = model.grid.prepare(images["moving"])
+        mode = _init_mode(model, images, init)
+        translation = np.zeros(3)
+        if mode == "array":
+            fixed_array, fixed_grid = model.grid.prepare(images["fixed"])
+            moving_array, moving_grid = model.grid.prepare(images["moving"])
+        else:
+            try:
+                fixed_array, fixed_grid, moving_array, moving_grid, translation = world_grid.prepare_world_pair(
+                    model.grid, images["fixed"], images["moving"], mode)
+            except readers.InputError as exc:
+                raise RegisterError(f"cannot relate the moving image {images['moving'].source} to the fixed image "
+                                    f"{images['fixed'].source} (init={mode!r}): {exc}") from exc
         result = {"fixed": fixed_array[..., None], "moving": moving_array[..., None],
                   "fixed_image": images["fixed"], "moving_image": images["moving"], "fixed_grid": fixed_grid,
                   "moving_grid": moving_grid}
+    result["init"] = {"mode": mode, "translation_mm": [float(v) for v in translation]}
     result["labels"] = None
     result["points"] = result["points_fixed"] = None
     return result
@@ -322,28 +382,67 @@ def _chain(model, result):
 
 
 def _is_identity(grid_transform, shape):
-    return (tuple(grid_transform.image_shape) == tuple(shape) and np.allclose(grid_transform.scale, 1.0)
-            and np.allclose(grid_transform.offset, 0.0))
+    m = grid_transform.matrix()
+    return tuple(grid_transform.image_shape) == tuple(shape) and np.allclose(m, np.eye(m.shape[0]))
 
 
 def _fixed_axes(result):
-    """Model index of every fixed voxel, one 1-D array per axis (``GridTransform.image_to_model_index``)."""
+    """The fixed grid transform as separable axes, or None when it mixes axes.
+
+    When every model axis ``c`` is a scaled, shifted array axis ``a(c)`` of the fixed image
+    (``p_a = m[a, c] q_c + m[a, n]``: diagonal, or permuted and flipped), returns ``(axes,
+    order)``: ``axes[c]`` the model index ``q_c`` of every fixed voxel along array axis
+    ``a(c)`` (``GridTransform.image_to_model_index``), ``order[a]`` the model axis of array
+    axis ``a``.
+    """
     t = result["fixed_grid"]
-    return [(np.arange(n, dtype=np.float64) - t.offset[d]) / t.scale[d] for d, n in enumerate(t.image_shape)]
+    m = t.matrix()
+    n = m.shape[0] - 1
+    nonzero = m[:n, :n] != 0
+    if not (np.all(nonzero.sum(axis=0) == 1) and np.all(nonzero.sum(axis=1) == 1)):
+        return None
+    source = np.argmax(nonzero, axis=0)  # array axis a(c) of each model axis c
+    axes = [(np.arange(t.image_shape[a], dtype=np.float64) - m[a, n]) / m[a, c] for c, a in enumerate(source)]
+    order = [int(np.argmax(nonzero[a])) for a in range(n)]
+    return axes, order
 
 
-def _model_field_at(result, rows):
-    """``u_m(q)`` (model voxels, ij) at the fixed voxels of ``rows`` (a slice of axis 0)."""
-    axes = _fixed_axes(result)
-    axes[0] = axes[0][rows]
+def _fixed_rows(result, rows):
+    """Fixed voxel indices ``[*block, ndim]`` (ij, float64) of the fixed rows ``rows`` (a slice of axis 0)."""
+    shape = result["fixed_image"].shape
+    return np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64)[rows if d == 0 else slice(None)]
+                                  for d, n in enumerate(shape)], indexing="ij"), -1)
+
+
+def _model_points(result, rows, p_f):
+    """``(q, separable)``: the model index ``[*block, ndim]`` of the fixed voxels ``p_f`` of ``rows``,
+    and the separable axes of :func:`_fixed_axes` restricted to ``rows`` (None when it mixes axes)."""
+    separable = _fixed_axes(result)
+    if separable is None:
+        return result["fixed_grid"].image_to_model_index(p_f), None
+    axes, order = separable
+    axes = list(axes)
+    axes[order[0]] = axes[order[0]][rows]
+    q = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
+    return np.transpose(q, order + [len(order)]), (axes, order)
+
+
+def _model_field_at(result, rows, q, separable):
+    """``u_m(q)`` (model voxels, ij) at the fixed voxels of ``rows`` (a slice of axis 0), ``q`` and
+    ``separable`` from :func:`_model_points`: separably on the axes when the fixed grid transform
+    is axis-aligned, else per voxel (the exact spline at ``q``, or the dense field interpolated)."""
     if result["identity"]:
         return np.asarray(result["displacement"][rows], dtype=np.float64)
     spline = result["spline"]
     if spline["exact"]:
-        return spline_np.spline_on_axes(spline["control_points"], spline["spacing"], axes)
-    q = np.stack(np.meshgrid(*axes, indexing="ij"))
+        if separable is None:
+            return spline_np.spline_displacement_at(spline["control_points"], spline["spacing"], q)
+        axes, order = separable
+        field = spline_np.spline_on_axes(spline["control_points"], spline["spacing"], axes)
+        return np.transpose(field, order + [len(order)])
     field = np.asarray(result["displacement"], dtype=np.float64)
-    return np.stack([ndimage.map_coordinates(field[..., c], q, order=1, mode="nearest")
+    positions = np.moveaxis(q, -1, 0)
+    return np.stack([ndimage.map_coordinates(field[..., c], positions, order=1, mode="nearest")
                      for c in range(field.shape[-1])], axis=-1)
 
 
@@ -367,13 +466,11 @@ def fixed_slabs(model, result, slab_voxels=1 << 21):
     _prepare_maps(model, result)
     shape = result["fixed_image"].shape
     step = max(1, slab_voxels // max(1, int(np.prod(shape[1:]))))
-    axes = _fixed_axes(result)
     for start in range(0, shape[0], step):
         rows = slice(start, min(shape[0], start + step))
-        grid_q = np.stack(np.meshgrid(axes[0][rows], *axes[1:], indexing="ij"), -1)
-        p_f = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64)[rows if d == 0 else slice(None)]
-                                     for d, n in enumerate(shape)], indexing="ij"), -1)
-        q = grid_q + _model_field_at(result, rows)
+        p_f = _fixed_rows(result, rows)
+        grid_q, separable = _model_points(result, rows, p_f)
+        q = grid_q + _model_field_at(result, rows, grid_q, separable)
         yield rows, p_f, result["moving_grid"].model_to_image_index(q)
 
 
