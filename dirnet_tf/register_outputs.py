@@ -15,23 +15,24 @@ What ``experiments.register`` and :meth:`dirnet_tf.registration.Result.save` wri
 target; :meth:`Staging.commit` renames them all, :meth:`Staging.abort` removes them.
 """
 
+import json
 import os
 
 import numpy as np
 
 from dirnet_tf.elastix_params import elastix_affine_parameters, elastix_chain, elastix_step_parameters
 from dirnet_tf.field_images import write_displacement_field
-from dirnet_tf.files import file_extension, temporary_name
+from dirnet_tf.files import file_extension, split_extension, temporary_name
 from dirnet_tf.geometry import image_affine, itk_grid, model_affine
 from dirnet_tf.itk import itk_affine_transform, itk_step_transforms, write_itk_transform
 from dirnet_tf.points import write_points
-from dirnet_tf.register_engine import model_steps
+from dirnet_tf.register_engine import model_steps, summary
 from dirnet_tf.register_errors import RegisterError
 
 __all__ = ["IMAGE_EXTENSIONS", "FIELD_EXTENSIONS", "TRANSFORM_EXTENSIONS", "FIGURE_EXTENSIONS", "OUTPUT_EXTENSIONS",
            "output_extension", "check_writable", "Staging", "write_array", "write_field", "write_model_image",
            "model_affines", "itk_transforms", "elastix_parameters", "elastix_paths",
-           "save_figure", "write_outputs"]
+           "save_figure", "write_outputs", "record_path", "registration_record"]
 
 #: Output extensions per kind of output (lower case; compound extensions first).
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".nrrd", ".npy", ".png", ".tif", ".tiff")
@@ -360,4 +361,26 @@ def write_outputs(model, job, result, staging):
             stage("elastix_transform", path, _text_writer(text))
     if job.figure:
         stage("figure", job.figure, lambda tmp: save_figure(model, result, tmp))
+    if result.get("refinement") and written:
+        record = registration_record(model, job, result)
+        stage("record", record_path(job), _text_writer(json.dumps(record, indent=2, default=float) + "\n"))
     return written
+
+
+def record_path(job):
+    """The JSON record of a refined registration: beside the job's first output, ``<name>.json``
+    (``W.nii.gz`` -> ``W.json``)."""
+    first = next(iter(job.outputs().values()))
+    stem, _ = split_extension(first)
+    return os.path.join(os.path.dirname(os.path.abspath(first)), stem + ".json")
+
+
+def registration_record(model, job, result):
+    """What a refined registration did (JSON-ready): inputs, the initial alignment (``init``: mode
+    and translation, RAS mm), the refinement (iterations, similarity, objective before and after,
+    seconds) and the model-grid scores (:func:`dirnet_tf.register_engine.summary`)."""
+    from dirnet_tf import __version__
+
+    return {"dirnet_tf_version": __version__, "model": os.fspath(model.path), "fixed": job.fixed,
+            "moving": job.moving, "outputs": job.outputs(), "init": result.get("init"),
+            "refinement": result["refinement"], "scores_model_grid": summary(result)}

@@ -30,6 +30,7 @@ from dirnet_tf.label_carrying import carry_labels
 from dirnet_tf.register_errors import RegisterError
 from dirnet_tf.register_jobs import Job, check_jobs, wanted_outputs
 from dirnet_tf.register_outputs import Staging, write_outputs
+from dirnet_tf.register_refine import check_refine_options, refine_prepared
 
 __all__ = ["ExportedModel", "load_model", "register", "Result", "run_jobs", "RegisterError"]
 
@@ -63,6 +64,8 @@ class ExportedModel:
     boundary = property(lambda self: self.info.boundary, doc="``border`` or ``zeros``.")
     default_spacing = property(lambda self: self.info.default_spacing, doc="mm per voxel for formats without one.")
     steps = property(lambda self: self.info.steps, doc="Composed steps served by the export, or None.")
+    space = property(lambda self: self.info.space, doc="``world`` (images related through their headers by "
+                                                        "default) or ``array`` (exports written before).")
     metadata = property(lambda self: self.info.metadata, doc="The raw ``assets/dirnet.json``.")
 
 
@@ -151,6 +154,18 @@ class Result:
     def moving_image(self):
         """The moving image (:class:`dirnet_tf.readers.Image`) on its own grid."""
         return self.details["moving_image"]
+
+    @property
+    def refinement(self):
+        """The refinement record (iterations, similarity, objective before / after, seconds), or None
+        without ``refine``."""
+        return self.details.get("refinement")
+
+    @property
+    def init(self):
+        """How the images were related: ``{"mode": "header" | "center" | "array", "translation_mm":
+        [x, y, z]}`` (the initial translation, RAS mm)."""
+        return self.details.get("init")
 
     def summary(self):
         """``{"ncc_before", "ncc_after", "folding"}`` on the model grid (what the command prints)."""
@@ -263,7 +278,7 @@ class Result:
         return written
 
 
-def register(model, fixed, moving, spacing=None):
+def register(model, fixed, moving, spacing=None, init=None, refine=0, refine_similarity=None, progress=None):
     """Register ``moving`` to ``fixed`` with ``model``.
 
     Parameters
@@ -276,25 +291,45 @@ def register(model, fixed, moving, spacing=None):
         mm per array axis of array inputs: one value (or one per axis) for both images, or a pair
         ``(fixed_spacing, moving_spacing)`` of sequences (or None).  None: the export's default
         spacing, else 1 mm.  Files use their own spacing.
+    init : {None, "header", "center", "array"}
+        How the two images are related before the network sees them
+        (:func:`dirnet_tf.register_engine.prepare_pair`): ``"header"`` through their headers (world
+        RAS mm), ``"center"`` the same after aligning their intensity centres of mass, ``"array"``
+        each image on its own array axes and field-of-view centre (images without patient
+        geometry always).  None: ``"header"`` when both images have patient geometry and the
+        export is a world-space export, else ``"array"``.
+    refine : int
+        Instance optimisation: optimiser steps on this pair after the network's prediction
+        (:mod:`dirnet_tf.register_refine`); 0 (default) keeps the network's result.
+    refine_similarity : {None, "ncc", "lncc", "mi"}
+        Similarity of the refinement (None: the model's training similarity); ``"mi"`` (mutual
+        information) for images of different contrast.  Only with ``refine > 0``.
+    progress : callable or None
+        ``progress(iteration, objective)`` during refinement.
 
     Returns
     -------
     Result
     """
     model = model if isinstance(model, ExportedModel) else load_model(model)
-    details = register_engine.prepare_pair(model, fixed, moving, _spacings(spacing))
+    steps, similarity = check_refine_options(model, refine, refine_similarity)
+    details = register_engine.prepare_pair(model, fixed, moving, _spacings(spacing), init=init)
     register_engine.infer(model, [details])
+    refine_prepared(model, [details], steps, similarity, progress)
     register_engine.finish(model, details, {"image", "field"})
     return Result(model, details, _source(fixed, "fixed"), _source(moving, "moving"))
 
 
-def run_jobs(model, jobs, batch_size=16):
+def run_jobs(model, jobs, batch_size=16, init=None, refine=0, refine_similarity=None, progress=None):
     """Register every job (:class:`dirnet_tf.register_jobs.Job`) and write its outputs; nothing is left
     behind unless all succeed.
 
-    2-D pairs are run through the model ``batch_size`` at a time, 3-D pairs one at a time.
-    Returns one ``(job, summary dict, written paths)`` per job.
+    2-D pairs are run through the model (and refined) ``batch_size`` at a time, 3-D pairs one at a
+    time; ``init``, ``refine``, ``refine_similarity`` and ``progress`` as :func:`register`.
+    Returns one ``(job, summary dict, written paths)`` per job; the summary also holds ``init``
+    and, for a refined job, its ``refinement`` record.
     """
+    steps, similarity = check_refine_options(model, refine, refine_similarity)
     check_jobs(jobs, model)
     step = max(1, int(batch_size)) if model.ndim == 2 else 1
     staging = Staging()
@@ -305,7 +340,7 @@ def run_jobs(model, jobs, batch_size=16):
             prepared = []
             for job in chunk:
                 try:
-                    details = register_engine.prepare_pair(model, job.fixed, job.moving)
+                    details = register_engine.prepare_pair(model, job.fixed, job.moving, init=init)
                     if job.moving_labels:
                         register_engine.attach_labels(model, details, job.moving_labels)
                     if job.points:
@@ -314,13 +349,18 @@ def run_jobs(model, jobs, batch_size=16):
                 except RegisterError as exc:
                     raise RegisterError(f"{exc} ({job.where})" if job.where else str(exc)) from exc
             register_engine.infer(model, prepared, batch_size=step)
+            refine_prepared(model, prepared, steps, similarity, progress)
             for job, details in zip(chunk, prepared):
                 try:
                     register_engine.finish(model, details, wanted_outputs(job))
                     written = write_outputs(model, job, details, staging)
                 except RegisterError as exc:
                     raise RegisterError(f"{exc} ({job.where})" if job.where else str(exc)) from exc
-                done.append((job, register_engine.summary(details), written))
+                summary = register_engine.summary(details)
+                summary["init"] = details.get("init")
+                if details.get("refinement"):
+                    summary["refinement"] = details["refinement"]
+                done.append((job, summary, written))
         staging.commit()
     except BaseException:
         staging.abort()

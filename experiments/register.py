@@ -2,8 +2,9 @@
 
     python -m experiments.register --model=EXPORT --fixed=F --moving=M --out=W \\
         [--displacement=D] [--moving_labels=L --out_labels=WL] [--points=P.csv --out_points=Q.csv] \\
-        [--transform=T.tfm] [--elastix_transform=E.txt] [--figure=PNG]
-    python -m experiments.register --model=EXPORT --pairs=pairs.csv [--batch_size=16]
+        [--transform=T.tfm] [--elastix_transform=E.txt] [--figure=PNG] \\
+        [--init=header|center|array] [--refine=N [--refine_similarity=ncc|lncc|mi]]
+    python -m experiments.register --model=EXPORT --pairs=pairs.csv [--batch_size=16] [--refine=N]
 
 Inputs
 ------
@@ -22,19 +23,46 @@ affine and header), so ``W`` overlays ``F`` in any viewer.
 
 Geometry
 --------
-The model returns ``u_m`` (model voxels, ij order) on the fixed image's model
-grid, sampling the moving image's model grid.  For a fixed voxel ``p_f`` (ij):
+Fixed image F and moving image M are related in **world space**: RAS+ mm, as their headers
+(NIfTI/DICOM affines ``A_f``, ``A_m``: voxel ij[k] -> RAS+ mm) say.  ``--init`` chooses how:
 
-* ``q = T_f^-1(p_f)``: model index (``GridTransform.image_to_model_index`` of F);
-* ``q' = q + u_m(q)``: for W, the labels and ``--displacement`` ``u_m`` is the
-  served dense field (multilinear between model voxels, or the exact spline of a
-  one-B-spline model, below); for points and transforms the map is evaluated
-  exactly (below);
-* ``p_m = T_m(q')``: voxel of the moving image (``GridTransform.model_to_image_index``
-  of M, with M's own shape and spacing);
-* ``W(p_f) = M(p_m)``: multilinear interpolation of the original moving
-  intensities (not normalised); outside M as the export's ``boundary``
-  (``border``: the nearest edge value; ``zeros``: 0).
+* ``header`` (the default for a world-space export, metadata ``"space": "world"``, when both
+  images have patient geometry): the model grid lies in F's physical space -- 3-D: along F's array
+  axes permuted and flipped to the closest RAS+ order (nibabel's ``as_closest_canonical`` rule; no
+  resampling), 2-D: along F's own array axes -- at the model spacing, centred on F's field of view.
+  ``T_f`` maps a model index ``q`` to F's voxel (ij) and ``x(q) = A_f T_f q`` is its world
+  position.  M is sampled (linear, normalised with its own intensity range) where the fixed grid
+  lies: ``T_m(q) = A_m^-1 (x(q) + t)`` with ``t = 0`` (2-D: the least-squares projection onto M's
+  plane through the 3x2 linear part of ``A_m``), a general affine map model index -> M's voxel.
+  So scans of any orientation, axis order, field of view and voxel size register as they lie in
+  the scanner.
+* ``center``: as ``header`` with ``t`` (RAS+ mm) = the centre of mass of M's normalised
+  intensities minus F's: for scans whose origins are arbitrary.  Images without patient geometry
+  (PNG, NPY, arrays) take part in their pixel space (``dirnet_tf.geometry.pixel_affine``).
+* ``array``: each image on its own array axes, centred on its own field of view (``T_f``, ``T_m``
+  a per-axis scale and offset, ``GridTransform``).  Images without patient geometry get this by
+  default, and exports written before the ``space`` key, as well as exports without
+  ``model_grid``, always get it, so their outputs are unchanged.  ``--init=header`` with an image
+  without patient geometry is an error.
+
+The model returns ``u_m`` (model voxels, ij order) on the fixed model grid.  For a fixed voxel
+``p_f`` (ij):
+
+* ``q = T_f^-1(p_f)``: the model index;
+* ``q' = q + u_m(q)``: for W, the labels and ``--displacement`` ``u_m`` is the served dense field
+  (multilinear between model voxels, or the exact spline of a one-B-spline model, below); for
+  points and transforms the map is evaluated exactly (below);
+* ``p_m = T_m(q')``: voxel of the moving image (ij);
+* ``W(p_f) = M(p_m)``: multilinear interpolation of the original moving intensities (not
+  normalised); outside M as the export's ``boundary`` (``border``: the nearest edge value;
+  ``zeros``: 0).
+
+Since ``T_m`` holds the header relation and ``t``, every output holds them: W, ``--out_labels``,
+``--displacement``, ``--points`` (RAS+ mm or voxels ij), the ITK composite (its first transform,
+the geometry step, maps F's model grid to M's: ``x -> x + t`` in LPS mm, the identity for
+``header``) and the elastix chain (the geometry file is left out when it is the identity).  The
+choice is recorded as ``init = {"mode": ..., "translation_mm": [x, y, z]}`` (RAS+ mm;
+``Result.init``).
 
 Outside the model grid's field of view (a fixed image larger than the model
 grid) the spline is its finite sum, which fades to zero displacement within two
@@ -68,6 +96,23 @@ export's ``grid_spacing`` does not describe its field).  An export without
 spline reproduces the field exactly.  Where recovery is not exact, W and the
 fields interpolate ``u_m`` linearly and ``--points`` / ``--transform`` /
 ``--elastix_transform`` are refused.
+
+Refinement (``--refine=N``)
+--------------------------
+After the network's prediction, ``N`` optimiser steps on this pair alone
+(instance optimisation, :mod:`dirnet_tf.register_refine`) change the chain's own
+parameters -- the affine step's matrix and translation and every B-spline
+step's control points, on F's model grid -- through the model's bounded
+parametrisation, so a folding-free model stays folding-free.  The objective is
+the model's training objective (similarity plus its bending and folding terms)
+on the model-grid images; ``--refine_similarity`` replaces the similarity
+(``mi``: mutual information, for different contrasts).  Every output, points
+and transforms included, follows the refined chain exactly.  Progress is
+printed every 10 steps; each refined pair also gets a JSON record beside its
+first output (``W.nii.gz`` -> ``W.json``: the initial alignment, iterations,
+similarity, objective before and after, seconds).  ``--refine=0`` (default)
+is the network's result, unchanged.  2-D pairs of ``--pairs`` are refined
+``--batch_size`` at a time.
 
 Outputs (all written under temporary names and renamed only once every output
 of every pair succeeded)
@@ -193,6 +238,17 @@ flags.DEFINE_string("pairs", None, "CSV with columns fixed,moving and optional o
                     flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 16, "Pairs per inference batch with --pairs (2-D; 3-D pairs run one at a time).",
                      flag_values=FLAGS)
+flags.DEFINE_enum("init", None, ["header", "center", "array"],
+                  "How fixed and moving are related: header = through their headers (world RAS mm); center = "
+                  "also align their intensity centres of mass first (arbitrary origins); array = each on its own "
+                  "array axes (today's behaviour of images without geometry). Default: header where both "
+                  "images have patient geometry and the export is a world-space one, else array.",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("refine", 0, "Instance optimisation: optimiser steps on each pair after the network "
+                     "(0 = the network's result).", flag_values=FLAGS)
+flags.DEFINE_enum("refine_similarity", None, ["ncc", "lncc", "mi"],
+                  "Similarity of --refine (default: the model's training similarity); mi = mutual information, "
+                  "for images of different contrast.", flag_values=FLAGS)
 
 #: Per-pair flags, also the --pairs columns (as :data:`dirnet_tf.register_jobs.PAIR_COLUMNS`; spelled out
 #: here so that --help and flag errors need no TensorFlow).
@@ -225,6 +281,8 @@ def main(argv):
     from dirnet_tf.register_jobs import Job, check_jobs, read_pairs
     from dirnet_tf.registration import load_model, run_jobs
 
+    from dirnet_tf.register_refine import check_refine_options
+
     try:
         if FLAGS.pairs:
             jobs = read_pairs(FLAGS.pairs)
@@ -232,15 +290,31 @@ def main(argv):
             jobs = [Job(**{n: FLAGS[n].value for n in PAIR_COLUMNS})]
         check_jobs(jobs)
         model = load_model(FLAGS.model)
-        done = run_jobs(model, jobs, FLAGS.batch_size)
+        steps, _ = check_refine_options(model, FLAGS.refine, FLAGS.refine_similarity)
+        done = run_jobs(model, jobs, FLAGS.batch_size, init=FLAGS.init, refine=steps,
+                        refine_similarity=FLAGS.refine_similarity, progress=_progress(steps))
     except (ValueError, OSError, RuntimeError, ImportError) as exc:  # RegisterError, readers.InputError, ...
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for job, s, written in done:
         prefix = "" if len(done) == 1 else f"{job.fixed} <- {job.moving}: "
-        print(f"{prefix}NCC {s['ncc_before']:.4f} -> {s['ncc_after']:.4f}, folding {100 * s['folding']:.2f}% "
-              f"of {'pixels' if model.ndim == 2 else 'voxels'}; wrote {', '.join(written)}")
+        refined = s.get("refinement")
+        note = (f" after {refined['steps']} refinement steps ({refined['similarity']} objective "
+                f"{refined['initial_loss']:.4f} -> {refined['final_loss']:.4f})" if refined else "")
+        print(f"{prefix}NCC {s['ncc_before']:.4f} -> {s['ncc_after']:.4f}{note}, folding "
+              f"{100 * s['folding']:.2f}% of {'pixels' if model.ndim == 2 else 'voxels'}; wrote {', '.join(written)}")
     return 0
+
+
+def _progress(steps):
+    """Refinement progress on stdout: every 10th step and the last (None without --refine)."""
+    if not steps:
+        return None
+
+    def report(iteration, objective):
+        if iteration % 10 == 0 or iteration == steps:
+            print(f"refine: step {iteration}/{steps}, objective {objective:.5f}", flush=True)
+    return report
 
 
 def entry(argv=None):
