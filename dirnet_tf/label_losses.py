@@ -164,6 +164,7 @@ def label_objective(model, num_labels, loss="dice", labels=None, bending_weight=
     spline_spacings = [spacing for kind, spacing in layout if kind == "spline"]
     image_shape = model.image_shape
 
+    @tf.autograph.experimental.do_not_convert  # no Python control flow on tensors: a tracing trainer need not convert it
     def loss_fn(batch, outputs):
         displacement = tf.cast(outputs["displacement"], tf.float32)
         fixed = one_hot(batch["fixed_labels"], num_labels)

@@ -458,6 +458,7 @@ class PairSynthesizer:
         (usable inside ``tf.data``)."""
         seed, batch_size, stream = int(seed), int(batch_size), int(stream)
 
+        @tf.autograph.experimental.do_not_convert  # plain TF (tf.cond where needed): tf.data need not convert it
         def sample(step):
             out = self.pair(stream_key(seed, stream, step), batch_size)
             return {k: v for k, v in out.items() if k != "source"}
@@ -467,8 +468,10 @@ class PairSynthesizer:
     def evaluation_pairs(self, seed, stream, count):
         """``count`` pairs of ``stream`` (numpy): pair ``i`` is made from :func:`stream_key`
         ``(seed, stream, i)`` alone (so 4 pairs are the first 4 of 8).  Keys as :meth:`pair`."""
-        make = tf.function(lambda key: self.pair(key, 1), autograph=False)
-        rows = [{k: v.numpy() for k, v in make(stream_key(seed, stream, i)).items()} for i in range(int(count))]
+        if getattr(self, "_pair_one", None) is None:  # traced once per synthesizer
+            self._pair_one = tf.function(lambda key: self.pair(key, 1), autograph=False)
+        rows = [{k: v.numpy() for k, v in self._pair_one(stream_key(seed, stream, i)).items()}
+                for i in range(int(count))]
         if not rows:
             raise ValueError("evaluation_pairs needs count >= 1")
         return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
