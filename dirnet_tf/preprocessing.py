@@ -371,8 +371,14 @@ class ModelGrid:
 
     # --------------------------- geometry -------------------------------- #
 
-    def transform_for(self, image_shape, image_spacing, image_affine=None, source="", spacing_from="default"):
-        """The :class:`GridTransform` for an image of ``image_shape`` voxels at ``image_spacing`` mm."""
+    def transform_for(self, image_shape, image_spacing, image_affine=None, source="", spacing_from="default",
+                      exact_centre=False):
+        """The :class:`GridTransform` for an image of ``image_shape`` voxels at ``image_spacing`` mm.
+
+        ``exact_centre``: the model grid's centre falls exactly on the image's centre (step 3
+        without its half-voxel rounding, which an odd size difference otherwise causes), so that
+        cropping an image symmetrically does not move the grid (world-space registration).
+        """
         image_shape = tuple(int(s) for s in image_shape)
         if len(image_shape) != self.ndim:
             raise InputError(f"{source or 'image'}: {len(image_shape)}-D image of shape {image_shape} "
@@ -384,15 +390,19 @@ class ModelGrid:
             first = (m - size) // 2 if m >= size else -((size - m) // 2)
             k = spacing / s
             scale.append(k)
-            offset.append((n - 1) / 2.0 + (first - (m - 1) / 2.0) * k)
+            if exact_centre:
+                offset.append((n - 1) / 2.0 - (size - 1) / 2.0 * k)
+            else:
+                offset.append((n - 1) / 2.0 + (first - (m - 1) / 2.0) * k)
             start.append(first)
             inter.append(m)
         affine = None if image_affine is None else np.asarray(image_affine, dtype=float).tolist()
         return GridTransform(self.shape, self.spacing, image_shape, image_spacing, tuple(scale), tuple(offset),
                              tuple(start), tuple(inter), affine, source, spacing_from)
 
-    def _transform(self, image):
-        return self.transform_for(image.shape, image.spacing, image.affine, image.source, image.spacing_from)
+    def _transform(self, image, exact_centre=False):
+        return self.transform_for(image.shape, image.spacing, image.affine, image.source, image.spacing_from,
+                                  exact_centre)
 
     def model_to_image_index(self, points, image):
         """Model-grid voxel indices ``(..., ndim)`` -> voxel indices of ``image`` (an Image)."""
@@ -404,7 +414,7 @@ class ModelGrid:
 
     # --------------------------- resampling ------------------------------ #
 
-    def prepare(self, image, mask=None):
+    def prepare(self, image, mask=None, exact_centre=False):
         """Normalise and resample an image onto the model grid.
 
         Parameters
@@ -413,6 +423,8 @@ class ModelGrid:
             Its ``spacing`` (mm per array axis) is honoured.
         mask : np.ndarray of bool, optional
             Image voxels that define the normalisation statistics.
+        exact_centre : bool
+            See :meth:`transform_for`.
 
         Returns
         -------
@@ -421,7 +433,7 @@ class ModelGrid:
             Geometry and intensity mapping (JSON-serialisable).
         """
         image = _as_image(image)
-        transform = self._transform(image)
+        transform = self._transform(image, exact_centre)
         low, high = intensity_range(image.array, self.normalize, mask, self.percentiles)
         normed = apply_intensity_range(image.array, low, high)
         pad = 0.0 if self.normalize != "none" else float(image.array.min())

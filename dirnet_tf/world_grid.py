@@ -7,10 +7,11 @@ is brought onto ONE grid in physical space, the fixed image's model grid:
 * **fixed** (:func:`prepare_fixed`): 3-D images with patient geometry are first viewed in the
   array order closest to RAS+ (:func:`closest_ras_orientation`, the rule of nibabel's
   ``io_orientation`` / ``as_closest_canonical``: array axes permuted and flipped, no
-  resampling), then prepared as today (model spacing, centred on the image's centre).  The
-  model index -> fixed index map is then a signed permutation with scales
-  (an :class:`AffineGridTransform`); for an image already in RAS+ array order it is exactly
-  the :class:`GridTransform` of ``ModelGrid.prepare``.  2-D images, and images without
+  resampling), then prepared as today at the model spacing, but centred exactly on the image's
+  centre (``ModelGrid.prepare(exact_centre=True)``: no half-voxel rounding, so a symmetric crop
+  does not move the grid).  The model index -> fixed index map is then a signed permutation with
+  scales (an :class:`AffineGridTransform`); for an image already in RAS+ array order it is the
+  :class:`GridTransform` of ``ModelGrid.prepare(image, exact_centre=True)``.  2-D images, and images without
   patient geometry, keep their own array axes.
 * **moving** (:func:`prepare_moving`): sampled (linear, its own intensity range, padding as
   ``ModelGrid.prepare``) at the world positions ``x(q) + t`` of the fixed model grid's voxels
@@ -292,16 +293,17 @@ def prepare_fixed(grid, image):
     -------
     array : np.ndarray float32 of ``grid.shape``
     transform : GridTransform or AffineGridTransform
-        Model index -> fixed index: ``grid.prepare(image)``'s own transform when the image is
-        2-D, has no patient geometry or is already in RAS+ array order; else the canonical
-        view's transform composed with the axis permutation / flips.
+        Model index -> fixed index: ``grid.prepare(image, exact_centre=True)``'s own transform
+        when the image is 2-D, has no patient geometry or is already in RAS+ array order; else the
+        canonical view's transform composed with the axis permutation / flips.  The grid's centre
+        is the image's centre exactly, so a symmetric crop does not move it.
     """
     if image.ndim != 3 or image.affine is None:
-        return grid.prepare(image)
+        return grid.prepare(image, exact_centre=True)
     canonical, matrix = canonical_image(image)
     if np.array_equal(matrix, np.eye(4)):
-        return grid.prepare(image)
-    array, transform = grid.prepare(canonical)
+        return grid.prepare(image, exact_centre=True)
+    array, transform = grid.prepare(canonical, exact_centre=True)
     index = matrix @ embed_4x4(transform.matrix())
     return array, AffineGridTransform(
         tuple(grid.shape), tuple(grid.spacing), tuple(image.shape), tuple(float(s) for s in image.spacing),

@@ -224,6 +224,28 @@ def test_refined_steps_stay_within_their_bounds_and_never_fold(shape, layout, le
     assert metrics.folding_fraction(result.displacement).max() == 0
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_an_iterate_that_folds_is_never_returned(stride):
+    """An unbounded chain (nothing keeps the steps injective) from the identity towards a target made
+    by a chain that folds, with large steps and no folding penalty: without the rule the result folds,
+    with it the result never folds (the start does not)."""
+    moving = _images(SHAPE_2D, 2, 4)
+    fixed, target_field = _chain(moving, LAYOUT_2D, _random_params(LAYOUT_2D, SHAPE_2D, 2, 3.0, 104))
+    assert (metrics.jacobian_determinant(target_field) <= 0).sum() > 0
+    start = _zeros(LAYOUT_2D, SHAPE_2D, 2)
+    folded_any = False
+    for lr in (2.0, 5.0):
+        result = refine.refine_steps(fixed, moving, LAYOUT_2D, start, 20, bounded=False, learning_rate=lr,
+                                     stride=stride)
+        assert (metrics.jacobian_determinant(result.displacement) <= 0).sum() == 0
+        assert (result.final_loss <= result.initial_loss).all()
+        # the same iterations without the rule fold
+        last = refine.refine_steps(fixed, moving, LAYOUT_2D, start, 20, bounded=False, learning_rate=lr,
+                                   stride=stride, allow_folding=True)
+        folded_any |= bool((metrics.jacobian_determinant(last.displacement) <= 0).any())
+    assert folded_any, "the test never made the optimiser fold; it checks nothing"
+
+
 # --------------------------------------------------------------------------- #
 # Batches, similarities, progress
 # --------------------------------------------------------------------------- #
