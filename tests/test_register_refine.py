@@ -171,3 +171,22 @@ def test_refine_option_checks():
     old = SimpleNamespace(metadata={"steps": [{"kind": "affine"}, {"kind": "spline"}]}, steps=None, path="old")
     with pytest.raises(RegisterError, match="export it again"):
         check_refine_options(old, 4)
+
+
+def test_init_header_without_geometry_is_named(tmp_path, grid2d, capsys):
+    """--init=header with PNG images (no patient geometry): exit 1, the image named, --init=center suggested."""
+    from PIL import Image
+
+    from register_fixtures import digit
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(digit(rng, 24)).save(tmp_path / f"{name}.png")
+    out = tmp_path / "out"
+    assert run_main([f"--model={grid2d.path}", f"--fixed={tmp_path / 'a.png'}", f"--moving={tmp_path / 'b.png'}",
+                     f"--out={out / 'W.nii.gz'}", "--init=header"]) == 1
+    err = capsys.readouterr().err
+    assert "a.png" in err and "no patient geometry" in err and "--init=center" in err and "Traceback" not in err
+    assert not out.exists()
+    assert run_main([f"--model={grid2d.path}", f"--fixed={tmp_path / 'a.png'}", f"--moving={tmp_path / 'b.png'}",
+                     f"--out={out / 'W.nii.gz'}", "--init=center"]) == 0
