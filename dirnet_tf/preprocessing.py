@@ -51,7 +51,8 @@ from scipy import ndimage
 
 from dirnet_tf.readers import Image, InputError
 
-__all__ = ["ModelGrid", "GridTransform", "normalize", "intensity_range", "apply_intensity_range"]
+__all__ = ["ModelGrid", "GridTransform", "normalize", "intensity_range", "apply_intensity_range",
+           "displacement_to_image"]
 
 FORMAT = "dirnet-tf-model-grid-v1"
 TRANSFORM_FORMAT = "dirnet-tf-grid-transform-v1"
@@ -130,6 +131,26 @@ def _as_tuple(values, ndim, what, kind=float):
     if arr.size != ndim:
         raise InputError(f"{what} {values!r} must have {ndim} values (one per array axis)")
     return tuple(kind(v) for v in arr)
+
+
+def displacement_to_image(transform, displacement, units="mm"):
+    """Displacement vectors in model voxels ``(..., ndim)`` -> the image's units, through the linear
+    part of ``transform.matrix()`` (model index -> image index) of a :class:`GridTransform` or a
+    :class:`dirnet_tf.world_grid.AffineGridTransform` (see :meth:`GridTransform.displacement_to_image`)."""
+    d = np.asarray(displacement, dtype=np.float64)
+    n = transform.ndim
+    if d.shape[-1] != n:
+        raise InputError(f"displacement must end with {n} components, got shape {d.shape}")
+    vox = d @ transform.matrix()[:n, :n].T
+    if units == "voxels":
+        return vox
+    if units == "mm":
+        return vox * np.asarray(transform.image_spacing)
+    if units == "world":
+        if transform.image_affine is None:
+            raise InputError(f"{transform.source}: the image has no affine (no patient geometry); use units='mm'")
+        return vox @ np.asarray(transform.image_affine)[:3, :n].T
+    raise InputError(f"units must be 'voxels', 'mm' or 'world', got {units!r}")
 
 
 @dataclasses.dataclass
@@ -224,19 +245,7 @@ class GridTransform:
             per array axis (``d * model_spacing``); ``world``: a RAS+ vector in
             mm, shape ``(..., 3)`` (needs the image affine).
         """
-        d = np.asarray(displacement, dtype=np.float64)
-        if d.shape[-1] != self.ndim:
-            raise InputError(f"displacement must end with {self.ndim} components, got shape {d.shape}")
-        vox = d * np.asarray(self.scale)
-        if units == "voxels":
-            return vox
-        if units == "mm":
-            return vox * np.asarray(self.image_spacing)
-        if units == "world":
-            if self.image_affine is None:
-                raise InputError(f"{self.source}: the image has no affine (no patient geometry); use units='mm'")
-            return vox @ np.asarray(self.image_affine)[:3, : self.ndim].T
-        raise InputError(f"units must be 'voxels', 'mm' or 'world', got {units!r}")
+        return displacement_to_image(self, displacement, units)
 
     def field_to_image(self, field, units="mm"):
         """Bring a displacement field from the model grid onto the original image grid.

@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage
 
 from dirnet_tf.geometry import image_affine
-from dirnet_tf.preprocessing import apply_intensity_range, intensity_range
+from dirnet_tf.preprocessing import apply_intensity_range, displacement_to_image, intensity_range
 from dirnet_tf.readers import Image, InputError
 
 __all__ = ["AffineGridTransform", "closest_ras_orientation", "canonical_index_matrix", "canonical_image",
@@ -121,20 +121,7 @@ class AffineGridTransform:
         ``units``: ``voxels`` (image voxels per array axis), ``mm`` (mm per array axis) or
         ``world`` (a RAS+ vector in mm, ``(..., 3)``; needs the image affine).
         """
-        d = np.asarray(displacement, dtype=np.float64)
-        n = self.ndim
-        if d.shape[-1] != n:
-            raise InputError(f"displacement must end with {n} components, got shape {d.shape}")
-        vox = d @ self.matrix()[:n, :n].T
-        if units == "voxels":
-            return vox
-        if units == "mm":
-            return vox * np.asarray(self.image_spacing)
-        if units == "world":
-            if self.image_affine is None:
-                raise InputError(f"{self.source}: the image has no affine (no patient geometry); use units='mm'")
-            return vox @ np.asarray(self.image_affine)[:3, :n].T
-        raise InputError(f"units must be 'voxels', 'mm' or 'world', got {units!r}")
+        return displacement_to_image(self, displacement, units)
 
     def to_dict(self):
         """JSON-serialisable dict (see :meth:`from_dict`)."""
