@@ -64,7 +64,7 @@ def _round_half_up(x):
     return int(np.floor(x + 0.5))
 
 
-def intensity_range(array, mode="percentile", mask=None, percentiles=(1.0, 99.0)):
+def intensity_range(array, mode="percentile", mask=None, percentiles=(1.0, 99.0), foreground_high=False):
     """The ``(low, high)`` intensities that :func:`normalize` maps to 0 and 1.
 
     Parameters
@@ -78,6 +78,11 @@ def intensity_range(array, mode="percentile", mask=None, percentiles=(1.0, 99.0)
         Voxels that define the statistics (same shape as ``array``); all when None.
     percentiles : (float, float)
         Lower and upper percentile (0-100) for ``percentile``.
+    foreground_high : bool
+        ``percentile`` only: take the upper percentile over the voxels brighter than the lower
+        one (the object, not the empty background at or below it), so that cropping or padding
+        background does not change it (world-space registration); the lower percentile stays
+        over all voxels.
 
     Returns
     -------
@@ -99,6 +104,9 @@ def intensity_range(array, mode="percentile", mask=None, percentiles=(1.0, 99.0)
         raise InputError("cannot normalise: the mask selects no voxel")
     if mode == "percentile":
         low, high = np.percentile(values, percentiles)
+        if foreground_high:
+            bright = values[values > low]
+            high = np.percentile(bright, percentiles[1]) if bright.size else high
         if high > low:
             return float(low), float(high)
     return float(values.min()), float(values.max())
@@ -423,7 +431,7 @@ class ModelGrid:
 
     # --------------------------- resampling ------------------------------ #
 
-    def prepare(self, image, mask=None, exact_centre=False):
+    def prepare(self, image, mask=None, exact_centre=False, foreground_high=False):
         """Normalise and resample an image onto the model grid.
 
         Parameters
@@ -434,6 +442,8 @@ class ModelGrid:
             Image voxels that define the normalisation statistics.
         exact_centre : bool
             See :meth:`transform_for`.
+        foreground_high : bool
+            See :func:`intensity_range`.
 
         Returns
         -------
@@ -443,7 +453,7 @@ class ModelGrid:
         """
         image = _as_image(image)
         transform = self._transform(image, exact_centre)
-        low, high = intensity_range(image.array, self.normalize, mask, self.percentiles)
+        low, high = intensity_range(image.array, self.normalize, mask, self.percentiles, foreground_high)
         normed = apply_intensity_range(image.array, low, high)
         pad = 0.0 if self.normalize != "none" else float(image.array.min())
         out = ndimage.affine_transform(normed, np.asarray(transform.scale), np.asarray(transform.offset),
@@ -452,6 +462,8 @@ class ModelGrid:
         out[~transform.inside_mask()] = pad
         transform.intensity = {"mode": self.normalize, "low": low, "high": high, "pad_value": pad,
                                "percentiles": list(self.percentiles) if self.normalize == "percentile" else None}
+        if foreground_high:
+            transform.intensity["foreground_high"] = True
         return out, transform
 
     def prepare_labels(self, labels, image):

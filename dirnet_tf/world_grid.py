@@ -11,7 +11,10 @@ is brought onto ONE grid in physical space, the fixed image's model grid:
   centre (``ModelGrid.prepare(exact_centre=True)``: no half-voxel rounding, so a symmetric crop
   does not move the grid).  The model index -> fixed index map is then a signed permutation with
   scales (an :class:`AffineGridTransform`); for an image already in RAS+ array order it is the
-  :class:`GridTransform` of ``ModelGrid.prepare(image, exact_centre=True)``.  2-D images, and images without
+  :class:`GridTransform` of ``ModelGrid.prepare(image, exact_centre=True)``.  In world space the
+  upper intensity percentile of both images is taken over their voxels brighter than the lower
+  percentile (``foreground_high``: not the empty background), so that cropping empty background changes neither the grid nor the
+  intensities the network sees.  2-D images, and images without
   patient geometry, keep their own array axes.
 * **moving** (:func:`prepare_moving`): sampled (linear, its own intensity range, padding as
   ``ModelGrid.prepare``) at the world positions ``x(q) + t`` of the fixed model grid's voxels
@@ -286,11 +289,11 @@ def prepare_fixed(grid, image):
         is the image's centre exactly, so a symmetric crop does not move it.
     """
     if image.ndim != 3 or image.affine is None:
-        return grid.prepare(image, exact_centre=True)
+        return grid.prepare(image, exact_centre=True, foreground_high=True)
     canonical, matrix = canonical_image(image)
     if np.array_equal(matrix, np.eye(4)):
-        return grid.prepare(image, exact_centre=True)
-    array, transform = grid.prepare(canonical, exact_centre=True)
+        return grid.prepare(image, exact_centre=True, foreground_high=True)
+    array, transform = grid.prepare(canonical, exact_centre=True, foreground_high=True)
     index = matrix @ embed_4x4(transform.matrix())
     return array, AffineGridTransform(
         tuple(grid.shape), tuple(grid.spacing), tuple(image.shape), tuple(float(s) for s in image.spacing),
@@ -359,7 +362,7 @@ def prepare_moving(grid, image, fixed_model_affine, translation=(0.0, 0.0, 0.0),
     if image.ndim != ndim:
         raise InputError(f"{image.source or 'image'}: {image.ndim}-D image does not fit the {ndim}-D model grid")
     matrix = moving_index_matrix(fixed_model_affine, image_affine(image), ndim, translation)
-    low, high = intensity_range(image.array, grid.normalize, mask, grid.percentiles)
+    low, high = intensity_range(image.array, grid.normalize, mask, grid.percentiles, foreground_high=True)
     normed = apply_intensity_range(image.array, low, high)
     pad = 0.0 if grid.normalize != "none" else float(image.array.min())
     affine = None if image.affine is None else np.asarray(image.affine, dtype=np.float64).tolist()
@@ -370,7 +373,8 @@ def prepare_moving(grid, image, fixed_model_affine, translation=(0.0, 0.0, 0.0),
                                    order=1, mode="nearest", prefilter=False).astype(np.float32)
     out[~transform.inside_mask()] = pad
     transform.intensity = {"mode": grid.normalize, "low": low, "high": high, "pad_value": pad,
-                           "percentiles": list(grid.percentiles) if grid.normalize == "percentile" else None}
+                           "percentiles": list(grid.percentiles) if grid.normalize == "percentile" else None,
+                           "foreground_high": True}
     return out, transform
 
 
@@ -409,7 +413,7 @@ def center_of_mass_world(grid, image):
     centre in voxel indices is placed with the image's affine (or its pixel affine).  An image
     of constant intensity gives the centre of its field of view.
     """
-    low, high = intensity_range(image.array, grid.normalize, None, grid.percentiles)
+    low, high = intensity_range(image.array, grid.normalize, None, grid.percentiles, foreground_high=True)
     weights = apply_intensity_range(image.array, low, high).astype(np.float64)
     if grid.normalize == "none":
         weights = weights - weights.min()

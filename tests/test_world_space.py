@@ -197,8 +197,8 @@ def test_header_gives_the_identity_in_world_space(tmp_path, world3d, direction):
     np.testing.assert_allclose(details["moving"], details["fixed"], atol=2e-6)
     assert np.abs(details["fixed"]).max() > 0.9  # the content is on the model grid
     assert np.abs(details["displacement"]).max() < 1e-4
-    if fixed == original:  # already in RAS order: exactly the per-image preparation
-        expected, transform = world3d.grid.prepare(result.fixed_image)
+    if fixed == original:  # already in RAS order: exactly the per-image preparation (centred, crop-robust)
+        expected, transform = world3d.grid.prepare(result.fixed_image, exact_centre=True, foreground_high=True)
         np.testing.assert_array_equal(details["fixed"][..., 0], expected)
         assert isinstance(details["fixed_grid"], GridTransform)
         assert details["fixed_grid"].to_dict() == transform.to_dict()
@@ -514,3 +514,32 @@ def test_errors_name_the_image_and_the_choice(tmp_path):
     with pytest.raises(RegisterError, match="no model grid.*no patient geometry.*--init=array"):
         register_engine.prepare_pair(plain, array, array, init="header")
     assert register_engine.prepare_pair(plain, array, array)["init"]["mode"] == "array"
+
+
+def test_cropping_background_changes_neither_grid_nor_intensities():
+    """A volume and its copy with 20 % of empty background cropped at every border (header updated):
+    in world space both give the same fixed model array, grid centre and intensity range."""
+    from dirnet_tf.preprocessing import ModelGrid
+    from dirnet_tf.readers import Image
+    from dirnet_tf.world_grid import prepare_fixed
+
+    rng = np.random.default_rng(0)
+    shape = (41, 50, 37)
+    array = np.zeros(shape, np.float32)
+    inner = tuple(slice(int(0.3 * n), n - int(0.3 * n)) for n in shape)
+    array[inner] = rng.uniform(50, 400, array[inner].shape)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = (-20.0, -25.0, -18.0)
+    start = [int(0.2 * n) for n in shape]
+    crop = array[tuple(slice(s, n - s) for s, n in zip(start, shape))]
+    crop_affine = affine.copy()
+    crop_affine[:3, 3] += start
+    grid = ModelGrid((16, 20, 14), 2.0)
+    a, ta = prepare_fixed(grid, Image(array, (1.0, 1.0, 1.0), affine, "full"))
+    b, tb = prepare_fixed(grid, Image(crop, (1.0, 1.0, 1.0), crop_affine, "crop"))
+    np.testing.assert_allclose(ta.model_affine(), tb.model_affine(), atol=1e-9)
+    assert ta.intensity["high"] == tb.intensity["high"] and ta.intensity["low"] == tb.intensity["low"]
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    # the whole-image percentile of the old preparation moves with the crop
+    assert grid.prepare(Image(array, (1.0,) * 3, affine, "full"))[1].intensity["high"] != \
+        grid.prepare(Image(crop, (1.0,) * 3, crop_affine, "crop"))[1].intensity["high"]
