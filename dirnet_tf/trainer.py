@@ -169,6 +169,10 @@ class Trainer:
         saved model config optimise the same thing.
     """
 
+    #: The validation metric that selects the best checkpoint (higher is better); a subclass whose
+    #: validation reports another score (e.g. ``"dice"``) sets its own.
+    selection_metric = "ncc"
+
     def __init__(self, model_fn, sampler, logdir, steps, batch_size, learning_rate=1e-3,
                  lr_schedule="cosine", strategy=None, mixed_precision=False, validation=None,
                  panel_pairs=8, log_every=100, eval_every=500, checkpoint_every=500, config=None,
@@ -412,9 +416,9 @@ class Trainer:
             if self.is_chief:
                 self._log_panel()
         self.writer.flush()
-        improved = metrics.get("ncc", -np.inf) > self.best_ncc
+        improved = metrics.get(self.selection_metric, -np.inf) > self.best_ncc
         if improved:
-            self.best_ncc = metrics["ncc"]
+            self.best_ncc = metrics[self.selection_metric]
             with _InterruptsDeferred(), quiet_tensorflow_logs():  # checkpoint and score together
                 self.best_manager.save(checkpoint_number=step)
                 if not self.is_chief:

@@ -130,13 +130,14 @@ def _label_trainer_class():
     import tensorflow as tf
 
     from dirnet_tf import trainer as trainer_module
-    from dirnet_tf.console import quiet_tensorflow_logs
     from dirnet_tf.plotting import figure_to_image, volume_figure
 
     class LabelTrainer(trainer_module.Trainer):
         """Validation on ``{"fixed", "moving", "fixed_labels", "moving_labels"}`` pairs; the best
         checkpoint is the one of the highest mean validation Dice (kept in ``best_ncc`` and in
         ``best/best.json`` under the trainer's key ``validation_ncc``)."""
+
+        selection_metric = "dice"  # the best checkpoint is the one of the highest validation Dice
 
         def __init__(self, *args, validation_labels=None, **kwargs):
             super().__init__(*args, **kwargs)
@@ -169,24 +170,6 @@ def _label_trainer_class():
                 for k, v in dict(parts, loss=per_pair).items():
                     totals[k] = totals.get(k, 0.0) + float(tf.reduce_sum(v))
             return {k: v / max(count, 1) for k, v in totals.items()}
-
-        def _validate_and_log(self, step):
-            metrics = self.evaluate_validation()
-            with self.writer.as_default(step=step):
-                for k, v in metrics.items():
-                    tf.summary.scalar(f"validation/{k}", v)
-                if self.is_chief:
-                    self._log_panel()
-            self.writer.flush()
-            improved = metrics["dice"] > self.best_ncc
-            if improved:
-                self.best_ncc = metrics["dice"]
-                with trainer_module._InterruptsDeferred(), quiet_tensorflow_logs():
-                    self.best_manager.save(checkpoint_number=step)
-                    trainer_module._write_best_state(self.logdir, self.best_ncc)
-            self.print(f"[valid] step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
-                       + ("  (best)" if improved else ""))
-            return metrics
 
         def _log_panel(self):
             outputs = self._eval_step(self._batch(slice(0, 1)))[2]
