@@ -151,8 +151,8 @@ MUTATIONS = [
     Mutation(
         name="best_checkpoint_comparison_inverted",
         file="dirnet_tf/trainer.py",
-        old='        improved = metrics.get("ncc", -np.inf) > self.best_ncc\n',
-        new='        improved = metrics.get("ncc", -np.inf) < self.best_ncc\n',
+        old='        improved = metrics.get(self.selection_metric, -np.inf) > self.best_ncc\n',
+        new='        improved = metrics.get(self.selection_metric, -np.inf) < self.best_ncc\n',
         tests=("tests/test_trainer.py",),
         keyword="best_validation",
         bug="the 'improved' test of validation is inverted: no best checkpoint is ever written, "
@@ -214,8 +214,8 @@ MUTATIONS = [
     Mutation(
         name="lncc_similarity_is_global_ncc",
         file="dirnet_tf/losses.py",
-        old='SIMILARITIES = {"ncc": ncc_loss, "lncc": local_ncc_loss, "mse": mse_loss}',
-        new='SIMILARITIES = {"ncc": ncc_loss, "lncc": ncc_loss, "mse": mse_loss}',
+        old='SIMILARITIES = {"ncc": ncc_loss, "lncc": local_ncc_loss, "mse": mse_loss, "mi": mi_loss}',
+        new='SIMILARITIES = {"ncc": ncc_loss, "lncc": ncc_loss, "mse": mse_loss, "mi": mi_loss}',
         tests=("tests/test_training.py::test_similarity_lncc_flag_reaches_local_ncc",),
         bug="--similarity=lncc trains with the global NCC loss",
     ),
