@@ -132,7 +132,7 @@ def run_experiment(run, defaults, errors=(), presets=None):
             interrupted.append(signum)
             raise KeyboardInterrupt
 
-        signal.signal(signal.SIGINT, on_interrupt)
+        previous = signal.signal(signal.SIGINT, on_interrupt)
         try:
             if presets:
                 apply_preset(presets, flags.FLAGS["preset"].value)
@@ -149,6 +149,8 @@ def run_experiment(run, defaults, errors=(), presets=None):
                 print(f"error: {exc}", file=sys.stderr, flush=True)
                 return 1
             raise
+        finally:  # a command run inside a longer process leaves its SIGINT handling as it was
+            signal.signal(signal.SIGINT, previous)
         return 0
 
     for name, value in defaults.items():

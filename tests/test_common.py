@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from dirnet_tf.config import SHARED_GROUPS, fields_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,3 +50,25 @@ def test_train_help_lists_every_flag_and_the_documentation():
               if line.strip().startswith("--")}
     expected = {f.name for f in fields_of()} | {"preset"}
     assert expected <= listed, sorted(expected - listed)
+
+
+def test_a_command_run_in_process_restores_the_sigint_handler(monkeypatch):
+    """run_experiment installs its Ctrl-C handler for the run only: afterwards (normal exit, error or
+    interrupt) the process's SIGINT handler is the one it had, so a trainer used later in the same
+    process still defers Ctrl-C during a checkpoint."""
+    import signal
+
+    from absl import flags as absl_flags
+
+    from experiments import common, train  # noqa: F401 - train defines the shared flags (--logdir, ...)
+
+    monkeypatch.setattr(sys, "argv", ["cmd"])
+    before = signal.getsignal(signal.SIGINT)
+    outcomes = {"ok": lambda config: None, "error": lambda config: (_ for _ in ()).throw(ValueError("bad")),
+                "interrupt": lambda config: signal.raise_signal(signal.SIGINT)}
+    for name, run in outcomes.items():
+        with pytest.raises(SystemExit) as exit_info:
+            common.run_experiment(run, {})
+        assert exit_info.value.code == {"ok": 0, "error": 1, "interrupt": 130}[name]
+        assert signal.getsignal(signal.SIGINT) is before, name
+    assert absl_flags.FLAGS.is_parsed()
