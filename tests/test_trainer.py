@@ -278,10 +278,23 @@ def test_ctrl_c_before_any_checkpoint_says_the_run_starts_again(tmp_path):
 
 
 def test_ctrl_c_while_a_checkpoint_is_written_finishes_it_first(tmp_path):
-    """SIGINT arriving inside the checkpoint save is held until the save is complete."""
+    """SIGINT arriving inside the checkpoint save is held until the save is complete.
+
+    Python's own Ctrl-C handler is installed for the test: a suite started in the background
+    inherits SIGINT ignored, and the trainer (rightly) leaves such a process's handling alone."""
     import signal
 
     from dirnet_tf.trainer import TrainingInterrupted
+
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_during_save(tmp_path, TrainingInterrupted)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def _ctrl_c_during_save(tmp_path, TrainingInterrupted):
+    import signal
 
     trainer = _trainer(tmp_path, 8, checkpoint_every=4, log_every=4)
     save = trainer.manager.save
