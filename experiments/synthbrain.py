@@ -287,7 +287,7 @@ def run(config, print_fn=None):
     if config.export or config.export_only:
         shape = synthesizer.shape
         export_dir = export_model(trainer, config, shape, 1, **export_metadata(config, synthesizer))
-        result["model"] = export_dir
+        result["model"] = config.export_dir  # as given (relative by default), not this machine's path
         if config.evaluate:
             result["test"] = test_scores(export_dir, synthesizer, synthesizer.evaluation_pairs(config.seed, TEST,
                                                                                                count))
