@@ -117,10 +117,11 @@ def _layout_and_params(model, prepared):
     return [("spline", spacing)], [np.stack(points)], False
 
 
-def refinement_record(result, similarity):
-    """The ``refinement`` entry of one pair (JSON-ready): what was optimised and how far."""
+def refinement_record(result, similarity, n):
+    """The ``refinement`` entry of pair ``n`` of a :class:`dirnet_tf.refine.RefineResult` (JSON-ready):
+    what was optimised and how far (seconds: the whole batch's)."""
     return {"steps": int(result.steps), "similarity": similarity,
-            "initial_loss": float(result.initial_loss), "final_loss": float(result.final_loss),
+            "initial_loss": float(result.initial_loss[n]), "final_loss": float(result.final_loss[n]),
             "seconds": float(result.seconds),
             "objective": "the model's training objective with this similarity, on the fixed image's model grid"}
 
@@ -160,9 +161,7 @@ def refine_prepared(model, prepared, steps, similarity, progress=None):
             p["step_outputs"] = {s["output"]: result.params[k][n] for k, s in enumerate(model.steps)}
         for key in ("spline", "chain", "identity"):  # recomputed from the refined parameters
             p.pop(key, None)
-        one = type(result)(**{**result.__dict__, "initial_loss": result.initial_loss[n],
-                              "final_loss": result.final_loss[n]})
-        p["refinement"] = refinement_record(one, similarity)
+        p["refinement"] = refinement_record(result, similarity, n)
     return prepared
 
 
