@@ -196,17 +196,14 @@ def world_points(affine, voxels, ndim):
     return np.asarray(voxels, float) @ np.asarray(affine)[:3, :ndim].T + np.asarray(affine)[:3, 3]
 
 
-def chain_export(tmp_path_factory, shape, spacing_mm, seed, gains):
-    """A tiny DIRNet(stages=("affine", 8, 4), passes=2, bounded, symmetric) with random, non-trivial steps.
+def random_chain_model(shape, seed, gains, stages=("affine", 8, 4), passes=2):
+    """An untrained DIRNet(stages, passes, bounded, symmetric) with random, non-trivial steps.
 
     ``gains``: factors of the output layers -- the affine matrix and translation columns, then the
-    regressors of the spacing-8 and spacing-4 stages -- chosen (for the images of :func:`nifti_pair`) so
-    that the affine step shears by ~0.02-0.06 and shifts by ~1.5 voxels and every B-spline step
-    moves by ~0.6-1.3 voxels (below the bounds, 3.84 and 1.92 voxels in 2-D).
+    regressor of each B-spline stage in order.
     """
-    from dirnet_tf.preprocessing import ModelGrid
-
-    model = dirnet_tf.DIRNet(shape, 4, filters=4, stages=("affine", 8, 4), passes=2, bounded=True, symmetric=True)
+    model = dirnet_tf.DIRNet(shape, stages[-1], filters=4, stages=stages, passes=passes, bounded=True,
+                             symmetric=True)
     rng = np.random.default_rng(seed)
     for v in model.trainable_variables:
         v.assign(rng.normal(0, 0.3, v.shape).astype(np.float32))
@@ -217,9 +214,24 @@ def chain_export(tmp_path_factory, shape, spacing_mm, seed, gains):
     kernel[:, ndim * ndim:] *= gains[1]
     dense.kernel.assign(kernel)
     dense.bias.assign(np.zeros(dense.bias.shape, np.float32))  # the bounded matrix stays far from saturation
-    for name, gain in zip(("regressor", "regressor_1"), gains[2:]):
+    names = ["regressor"] + [f"regressor_{k}" for k in range(1, len(gains) - 2)]
+    for name, gain in zip(names, gains[2:]):
         for v in getattr(model, name).output_conv.trainable_variables:
             v.assign(gain * v)
+    return model
+
+
+def chain_export(tmp_path_factory, shape, spacing_mm, seed, gains):
+    """A tiny DIRNet(stages=("affine", 8, 4), passes=2, bounded, symmetric) with random, non-trivial steps.
+
+    ``gains``: factors of the output layers -- the affine matrix and translation columns, then the
+    regressors of the spacing-8 and spacing-4 stages -- chosen (for the images of :func:`nifti_pair`) so
+    that the affine step shears by ~0.02-0.06 and shifts by ~1.5 voxels and every B-spline step
+    moves by ~0.6-1.3 voxels (below the bounds, 3.84 and 1.92 voxels in 2-D).
+    """
+    from dirnet_tf.preprocessing import ModelGrid
+
+    model = random_chain_model(shape, seed, gains)
     return write_export(tmp_path_factory, model, ModelGrid(shape, spacing_mm, "percentile"), 4)
 
 

@@ -25,7 +25,8 @@ from dirnet_tf.registration import ExportedModel, Result, load_model
 from dirnet_tf.world_grid import AffineGridTransform, canonical_image, closest_ras_orientation, transform_from_dict
 
 pytest.register_assert_rewrite("register_fixtures")
-from register_fixtures import nifti, oblique_affine, smooth, voxel_grid, world_points  # noqa: E402
+from register_fixtures import (  # noqa: E402
+    nifti, oblique_affine, random_chain_model, smooth, voxel_grid, world_points)
 
 SHAPE3, SPACING3 = (20, 24, 18), (1.2, 1.0, 1.5)
 
@@ -84,20 +85,7 @@ def copy3d(tmp_path, array, affine, name="copy", shift=(0.0, 0.0, 0.0)):
 
 def random_chain(shape, seed, gains):
     """An untrained DIRNet(stages=("affine", 8), bounded, symmetric) with random, non-trivial steps."""
-    model = dirnet_tf.DIRNet(shape, 8, filters=4, stages=("affine", 8), bounded=True, symmetric=True)
-    rng = np.random.default_rng(seed)
-    for v in model.trainable_variables:
-        v.assign(rng.normal(0, 0.3, v.shape).astype(np.float32))
-    ndim = len(shape)
-    dense = model.affine_regressor.output_dense
-    kernel = dense.kernel.numpy()
-    kernel[:, : ndim * ndim] *= gains[0]
-    kernel[:, ndim * ndim:] *= gains[1]
-    dense.kernel.assign(kernel)
-    dense.bias.assign(np.zeros(dense.bias.shape, np.float32))
-    for v in model.regressor.output_conv.trainable_variables:
-        v.assign(gains[2] * v)
-    return model
+    return random_chain_model(shape, seed, gains, stages=("affine", 8), passes=1)
 
 
 @pytest.fixture(scope="module")
