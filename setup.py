@@ -16,7 +16,8 @@ setup(
     # The commands (experiments) and the data-set converters they use (data) are installed too, for
     # the console scripts below; the library is dirnet_tf.
     packages=find_packages(include=["dirnet_tf", "dirnet_tf.*", "experiments", "data"]),
-    package_data={"dirnet_tf": ["*.so"]},
+    # The shipped models (dirnet_tf/models/<name>: SavedModel, metadata, model card) travel with the library.
+    package_data={"dirnet_tf": ["*.so", "models/*/*.pb", "models/*/*.md", "models/*/assets/*", "models/*/variables/*"]},
     python_requires=">=3.10",
     entry_points={"console_scripts": [
         "dirnet-train = experiments.train:main",

@@ -106,7 +106,9 @@ def _read_one(model, path, what):
     try:
         images = readers.read_image(path, ndim=model.ndim, default_spacing=model.default_spacing)
     except readers.InputError as exc:
-        raise RegisterError(f"cannot read the {what} image for the {model.ndim}-D model {model.path}: {exc}") from exc
+        hint = (" (give a volume: NIfTI, a DICOM series folder, .npy or HDF5)" if model.ndim == 3 else "")
+        raise RegisterError(f"cannot read the {what} image for the {model.ndim}-D model {model.path}: {exc}"
+                            f"{hint}") from exc
     except ImportError as exc:
         raise RegisterError(f"cannot read the {what} image {path}: {exc}") from exc
     if len(images) != 1:

@@ -72,18 +72,24 @@ class ExportedModel:
 def load_model(path):
     """Load an exported model (:func:`dirnet_tf.inference.load_export`) as an :class:`ExportedModel`.
 
+    ``path`` is an export directory, or the name of a model shipped inside the package
+    (:data:`dirnet_tf.pretrained.PRETRAINED`: ``"brain"``); a directory of that name that holds a
+    SavedModel wins over the shipped model.
+
     Raises
     ------
     RegisterError
-        ``path`` is not a SavedModel directory, or its metadata does not describe it.
+        ``path`` is neither a SavedModel directory nor a shipped model's name, or its metadata does
+        not describe it.
     """
     from dirnet_tf.inference import load_export
+    from dirnet_tf.pretrained import resolve
 
-    path = os.fspath(path)
+    path = resolve(os.fspath(path))
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "saved_model.pb")):
         raise RegisterError(f"{path} is not a SavedModel directory (no saved_model.pb); "
                             "export one with `python -m experiments.mnist --export_only` or "
-                            "`python -m experiments.train`")
+                            "`python -m experiments.train`, or name a shipped model (`brain`)")
     try:
         fn, metadata = load_export(path)
     except ValueError as exc:

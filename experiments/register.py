@@ -215,7 +215,8 @@ from absl import flags
 # The command's flags live in a FlagValues of their own: --pairs and --batch_size mean
 # something else in the training commands, which may be imported in the same process.
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("model", None, "Exported SavedModel directory (e.g. exports/mnist).", flag_values=FLAGS)
+flags.DEFINE_string("model", None, "Exported SavedModel directory (e.g. exports/mnist), or the name of a model "
+                    "shipped with the package: brain (3-D brain MRI of any contrast).", flag_values=FLAGS)
 flags.DEFINE_string("fixed", None, "Fixed image: PNG/JPEG/TIFF, .npy, NIfTI, DICOM file or series folder.",
                     flag_values=FLAGS)
 flags.DEFINE_string("moving", None, "Moving image (same formats).", flag_values=FLAGS)
