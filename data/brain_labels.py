@@ -40,8 +40,8 @@ from scipy import ndimage
 
 from data import brain as brain_data
 
-__all__ = ["LABEL_NAMES", "NUM_LABELS", "SOURCES", "LICENCES", "kmeans_1d", "mni_label_map", "robex_label_map",
-           "template_label_maps", "canonical_label_maps"]
+__all__ = ["LABEL_NAMES", "NUM_LABELS", "SOURCES", "LICENCES", "T2_LIKE_LEVELS", "kmeans_1d", "t2_like_contrast",
+           "mni_label_map", "robex_label_map", "template_label_maps", "canonical_label_maps"]
 
 LABEL_NAMES = {0: "background", 1: "CSF", 2: "grey matter", 3: "white matter",
                4: "non-brain head tissue, dark", 5: "non-brain head tissue, middle",
@@ -79,6 +79,29 @@ def kmeans_1d(values, k=3, iterations=50):
     rank = np.empty(k, int)
     rank[order] = np.arange(k)
     return centres[order], rank[np.argmin(np.abs(values[:, None] - centres[None, :]), axis=1)]
+
+
+#: The T2-like contrast of :func:`t2_like_contrast`: intensity at the background and at the T1 centres
+#: of CSF, grey and white matter (T1: dark < middle < bright; here bright > middle > dark, background 0).
+T2_LIKE_LEVELS = {"background": 0.0, "CSF": 1.0, "grey matter": 0.6, "white matter": 0.3}
+
+
+def t2_like_contrast(t1, mask):
+    """A T2-like image of a skull-stripped T1: a fixed non-monotonic intensity map per tissue.
+
+    The tissue centres of the T1 inside ``mask`` (:func:`kmeans_1d`, k = 3: CSF < grey < white
+    matter) are mapped to :data:`T2_LIKE_LEVELS` and the intensities in between linearly (partial
+    volumes and texture follow), with 0 outside the mask: background 0 -> CSF brightest -> grey ->
+    white darkest, so no monotonic function relates the two images.  float32, same shape.
+    """
+    t1 = np.asarray(t1, np.float64)
+    brain = np.asarray(mask) > 0
+    if not brain.any():
+        raise ValueError("t2_like_contrast: the brain mask is empty")
+    centres, _ = kmeans_1d(t1[brain], 3)
+    knots = [min(0.0, float(t1[brain].min())), *centres]
+    levels = [T2_LIKE_LEVELS[k] for k in ("background", "CSF", "grey matter", "white matter")]
+    return np.where(brain, np.interp(t1, knots, levels), 0.0).astype(np.float32)
 
 
 def _ball(radius):

@@ -169,10 +169,14 @@ class ElastixRegistration:
         (listed in ``settings.json``) unless ``parameter_file`` is given.
     threads : int or None
         Threads per registration (``None``: the committed ``settings.json`` value).
-    parameter_file : str or None
-        Another elastix parameter file to use instead of the committed one.
+    parameter_file : str, sequence of str, or None
+        Another elastix parameter file to use instead of the committed one, or several run one
+        after another (e.g. affine, then B-spline), each starting from the previous result.
     ndim : int
         2 (images) or 3 (volumes).
+    overrides : dict or None
+        Parameter name -> value (a string, or a list of strings) set in every parameter map, e.g.
+        ``{"Metric": "AdvancedMattesMutualInformation"}`` for images of different contrast.
 
     Raises
     ------
@@ -182,7 +186,7 @@ class ElastixRegistration:
         A bad ``ndim`` or ``threads``, or a missing parameter file.
     """
 
-    def __init__(self, grid_spacing=8, threads=None, parameter_file=None, ndim=2):
+    def __init__(self, grid_spacing=8, threads=None, parameter_file=None, ndim=2, overrides=None):
         if ndim not in (2, 3):
             raise ValueError(f"ndim must be 2 or 3, got {ndim}")
         self.ndim = int(ndim)
@@ -191,12 +195,19 @@ class ElastixRegistration:
         self.threads = int(threads if threads is not None else load_settings()["threads"])
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        path = parameter_file or globals()["parameter_file"](grid_spacing)
-        if not os.path.isfile(path):
-            raise ValueError(f"elastix parameter file {path} does not exist")
-        self.parameter_file = os.path.abspath(path)
+        paths = parameter_file or globals()["parameter_file"](grid_spacing)
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        for path in paths:
+            if not os.path.isfile(path):
+                raise ValueError(f"elastix parameter file {path} does not exist")
+        self.parameter_files = [os.path.abspath(p) for p in paths]
+        self.parameter_file = self.parameter_files[-1]
         self.parameters = self.itk.ParameterObject.New()
-        self.parameters.AddParameterFile(self.parameter_file)
+        for path in self.parameter_files:
+            self.parameters.AddParameterFile(path)
+        for name, value in (overrides or {}).items():
+            self.parameters.SetParameter(name, [str(v) for v in value] if isinstance(value, (list, tuple))
+                                         else str(value))
         # Results must come back in memory; the files leave them to elastix's defaults otherwise.
         self.parameters.SetParameter("WriteResultImage", "true")
         # transformix writes the deformation field to a file as well: keep it out of the cwd.
@@ -284,7 +295,8 @@ class ElastixRegistration:
                     number_of_threads=self.threads, log_to_console=False, **options)
             except Exception as exc:  # noqa: BLE001 - ITK raises RuntimeError subclasses
                 raise RuntimeError(f"elastix failed on pair {k} ({'x'.join(map(str, shape))}, "
-                                   f"{os.path.basename(self.parameter_file)}): {exc}") from exc
+                                   f"{' + '.join(os.path.basename(p) for p in self.parameter_files)}): "
+                                   f"{exc}") from exc
             warped[k, ..., 0] = itk.array_from_image(result)
             seconds[k] = time.perf_counter() - start
             if compute_displacement:
@@ -303,7 +315,7 @@ class ElastixRegistration:
 
 
 def register_pairs(fixed, moving, parameter_file, ndim=2, spacing=None, fixed_mask=None, threads=None,
-                   compute_displacement=True, progress=None):
+                   compute_displacement=True, progress=None, overrides=None):
     """Register 2-D or 3-D pairs with elastix, one after another, with one parameter file.
 
     A one-call form of :meth:`ElastixRegistration.register_batch` that deletes transformix's
@@ -314,8 +326,9 @@ def register_pairs(fixed, moving, parameter_file, ndim=2, spacing=None, fixed_ma
     fixed, moving : arrays ``[N, *spatial, 1]`` or ``[N, *spatial]``, same shape
         ``ndim`` spatial axes (``[N, H, W, 1]`` or ``[N, D, H, W, 1]``); one pair without the
         batch axis is accepted too.
-    parameter_file : str
-        The elastix parameter file (e.g. ``baselines/elastix/echo_bspline.txt``).
+    parameter_file : str or sequence of str
+        The elastix parameter file (e.g. ``baselines/elastix/echo_bspline.txt``), or files run one
+        after another (:class:`ElastixRegistration`).
     ndim : int
         2 (images) or 3 (volumes).
     spacing : sequence of ``ndim`` float or None
@@ -325,6 +338,8 @@ def register_pairs(fixed, moving, parameter_file, ndim=2, spacing=None, fixed_ma
         elastix's fixed-image mask (non-zero: the metric counts there), the same for every pair.
     threads : int or None
         Threads per registration (None: ``baselines/elastix/settings.json``).
+    overrides : dict or None
+        Parameters set in every map (:class:`ElastixRegistration`).
     compute_displacement : bool
         Also compute the dense displacement fields with transformix (after the timing).
     progress : callable or None
@@ -347,7 +362,7 @@ def register_pairs(fixed, moving, parameter_file, ndim=2, spacing=None, fixed_ma
     RuntimeError
         elastix failed on a pair (the message names the pair).
     """
-    registration = ElastixRegistration(parameter_file=parameter_file, threads=threads, ndim=ndim)
+    registration = ElastixRegistration(parameter_file=parameter_file, threads=threads, ndim=ndim, overrides=overrides)
     try:
         return registration.register_batch(fixed, moving, compute_displacement=compute_displacement,
                                            progress=progress, spacing=spacing, fixed_mask=fixed_mask)

@@ -443,9 +443,27 @@ def _model_field_at(result, rows, q, separable):
         field = spline_np.spline_on_axes(spline["control_points"], spline["spacing"], axes)
         return np.transpose(field, order + [len(order)])
     field = np.asarray(result["displacement"], dtype=np.float64)
+    if separable is not None:
+        axes, order = separable
+        return np.transpose(_linear_on_axes(field, axes), order + [len(order)])
     positions = np.moveaxis(q, -1, 0)
     return np.stack([ndimage.map_coordinates(field[..., c], positions, order=1, mode="nearest")
                      for c in range(field.shape[-1])], axis=-1)
+
+
+def _linear_on_axes(field, axes):
+    """``field [*S, C]`` linearly interpolated on the tensor grid ``axes[0] x axes[1] (x axes[2])``
+    (voxel indices per axis; beyond the border the edge value, as ``map_coordinates(order=1,
+    mode="nearest")``), one axis at a time."""
+    out = field
+    for d, q in enumerate(axes):
+        n = out.shape[d]
+        q = np.clip(np.asarray(q, dtype=np.float64), 0, n - 1)
+        low = np.minimum(np.floor(q).astype(np.intp), max(n - 2, 0))
+        weight = (q - low).reshape([-1 if a == d else 1 for a in range(out.ndim)])
+        high = np.minimum(low + 1, n - 1)
+        out = np.take(out, low, axis=d) * (1 - weight) + np.take(out, high, axis=d) * weight
+    return out
 
 
 def _sample(array, positions, boundary, order=1):

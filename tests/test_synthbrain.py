@@ -56,6 +56,25 @@ def test_kmeans_1d_finds_the_three_levels():
     assert assignment[:500].tolist() == [2] * 500 and assignment[500:1000].tolist() == [0] * 500
 
 
+def test_t2_like_contrast_follows_the_tissues_and_is_not_monotonic():
+    rng = np.random.default_rng(3)
+    tissue = rng.integers(1, 4, size=(20, 20, 20))  # 1 CSF, 2 grey, 3 white matter
+    tissue[:3] = 0
+    t1 = np.choose(tissue, [0.0, 0.25, 0.55, 0.85]) + np.where(tissue > 0, rng.normal(0, 0.02, tissue.shape), 0)
+    t2 = brain_labels.t2_like_contrast(t1, tissue > 0)
+    assert t2.dtype == np.float32 and t2.shape == t1.shape and np.all(t2[:3] == 0)
+    means = [float(t2[tissue == k].mean()) for k in (1, 2, 3)]  # CSF: the peak of the map, noise lowers it
+    levels = brain_labels.T2_LIKE_LEVELS
+    np.testing.assert_allclose(means, [levels["CSF"], levels["grey matter"], levels["white matter"]], atol=0.06)
+    # Each label's intensities stay with that label (no two tissues overlap), and the order is not T1's.
+    assert t2[tissue == 1].min() > t2[tissue == 2].max() > 0 and t2[tissue == 2].min() > t2[tissue == 3].max()
+    t1_order = np.argsort([t1[tissue == k].mean() for k in (0, 1, 2, 3)])
+    t2_order = np.argsort([t2[tissue == k].mean() for k in (0, 1, 2, 3)])
+    assert t1_order.tolist() == [0, 1, 2, 3] and t2_order.tolist() == [0, 3, 2, 1]
+    with pytest.raises(ValueError, match="mask is empty"):
+        brain_labels.t2_like_contrast(t1, np.zeros_like(tissue))
+
+
 def test_mni_labels_derive_csf():
     gm = np.zeros((20, 20, 20))
     wm = np.zeros((20, 20, 20))
