@@ -104,7 +104,8 @@ def header_map(fixed, moving, displacement=None):
 
 
 def score_map(fixed, moving, positions):
-    """Brain Dice, NCC in the fixed brain and folding of a map (moving voxel indices ``[3, *fixed_shape]``)."""
+    """Brain Dice, NCC in the fixed brain and folding (``det J <= 0`` of the world map) of a map given as
+    the moving voxel indices ``[3, *fixed_shape]`` of every fixed voxel."""
     from scipy import ndimage
 
     from dirnet_tf import metrics
@@ -112,7 +113,9 @@ def score_map(fixed, moving, positions):
     warped = ndimage.map_coordinates(moving.t1, positions, order=1, mode="constant", cval=0.0)
     carried = ndimage.map_coordinates(moving.mask.astype(np.float32), positions, order=0, mode="constant") > 0
     gradient = np.stack([np.stack(np.gradient(positions[c]), 0) for c in range(3)], 0)  # [c, axis, ...]
-    det = np.linalg.det(np.moveaxis(gradient, (0, 1), (-2, -1)))
+    # In world space (mm -> mm) the map's Jacobian is A_m J A_f^-1: its sign also carries the headers'.
+    orientation = np.sign(np.linalg.det(moving.affine[:3, :3]) * np.linalg.det(fixed.affine[:3, :3]))
+    det = orientation * np.linalg.det(np.moveaxis(gradient, (0, 1), (-2, -1)))
     return {"brain_dice": float(metrics.dice(fixed.mask, carried)["mean"]),
             "ncc_brain": float(metrics.ncc(fixed.t1[fixed.mask], warped[fixed.mask])),
             "folding_voxels": int((det <= 0).sum())}
