@@ -37,6 +37,7 @@ to ``--export_dir`` and scored on as many TEST-stream pairs (hard labels carried
 exported field: Dice, folding, seconds per pair), written to ``--logdir/metrics.json``.
 """
 
+import json
 import os
 import time
 
@@ -296,7 +297,14 @@ def run(config, print_fn=None):
                 f"{t['dice_after']:.3f}, folding {100 * t['folding_fraction']:.4f} %, "
                 f"{t['seconds_per_pair_batch1']:.2f} s per pair")
     result["seconds"] = time.perf_counter() - start
-    write_json(os.path.join(config.logdir, "metrics.json"), result)
+    path = os.path.join(config.logdir, "metrics.json")
+    if config.export_only and os.path.exists(path):
+        # Exporting again: what the training run measured stays; the new export (and its scores) is added.
+        with open(path, encoding="utf-8") as fh:
+            earlier = json.load(fh)
+        result = dict(earlier, **{k: result[k] for k in ("model", "test") if k in result},
+                      export_seconds=result["seconds"])
+    write_json(path, result)
     return result
 
 

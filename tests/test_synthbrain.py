@@ -123,7 +123,16 @@ def test_tiny_run_is_interrupted_resumes_and_exports(tmp_path):
     assert [line.split()[2] for line in resumed if line.startswith("[train] step")] == ["3/4", "4/4"]
     assert result["step"] == 4 and 0 <= result["best_validation_dice"] <= 1
     assert result["test"]["pairs"] == 1 and result["test"]["folding_fraction"] == 0
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 4
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["step"] == 4
+    # Exporting again (another folder, no scoring) keeps what the training run measured.
+    again = synthbrain.run(dict(config, export_only=True, evaluate=False, export_dir=str(tmp_path / "again")),
+                           print_fn=lambda *a: None)
+    assert os.path.exists(tmp_path / "again" / "saved_model.pb")
+    kept = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert again == kept and kept["model"] == str(tmp_path / "again") and kept["test"] == metrics["test"]
+    assert {k: kept[k] for k in ("step", "train_seconds", "best_validation_dice", "summary")} == {
+        k: metrics[k] for k in ("step", "train_seconds", "best_validation_dice", "summary")}
     model = dirnet_tf.load_model(str(tmp_path / "export"))
     assert model.shape == (16, 18, 16) and model.grid.spacing == (12.0, 12.0, 12.0)
     assert [s["kind"] for s in model.steps] == ["affine", "spline"]
