@@ -117,3 +117,27 @@ def test_a_2d_image_given_to_the_brain_model_is_a_clear_error(tmp_path):
         dirnet_tf.register(model, np.zeros((32, 32)), np.zeros((32, 32)))
     code = run_main(["--model=brain", f"--fixed={png}", f"--moving={png}", f"--out={tmp_path / 'w.nii.gz'}"])
     assert code == 1 and not (tmp_path / "w.nii.gz").exists()
+
+
+@needs_volumes
+def test_brain_model_refines_across_contrasts_with_mutual_information(tmp_path):
+    import nibabel as nib
+
+    from data import brain as brain_data
+    from data import brain_labels
+    from dirnet_tf import metrics
+
+    inputs = brain_data.write_aligned_volumes(str(tmp_path), (48, 56, 48), (4.0, 4.0, 4.0))
+    t1 = nib.load(inputs["robex"]["image"])
+    mask = np.asarray(nib.load(inputs["robex"]["labels"]).dataobj) > 0
+    t2_path = str(tmp_path / "robex_t2.nii.gz")
+    nib.save(nib.Nifti1Image(brain_labels.t2_like_contrast(np.asarray(t1.dataobj), mask), t1.affine), t2_path)
+    model = dirnet_tf.load_model("brain")
+    network = dirnet_tf.register(model, inputs["mni"]["image"], t2_path)
+    refined = dirnet_tf.register(model, inputs["mni"]["image"], t2_path, refine=4, refine_similarity="mi")
+    record = refined.refinement
+    assert record["steps"] == 4 and record["similarity"] == "mi"
+    assert record["final_loss"] <= record["initial_loss"]
+    assert network.refinement is None and not np.allclose(network.displacement, refined.displacement)
+    det = metrics.jacobian_determinant(refined.displacement[None])
+    assert (det <= 0).sum() == 0
