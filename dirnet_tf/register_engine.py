@@ -454,22 +454,36 @@ def _model_field_at(result, rows, q, separable):
 def _linear_on_axes(field, axes):
     """``field [*S, C]`` linearly interpolated on the tensor grid ``axes[0] x axes[1] (x axes[2])``
     (voxel indices per axis; beyond the border the edge value, as ``map_coordinates(order=1,
-    mode="nearest")``), one axis at a time."""
+    mode="nearest")``), one axis at a time: a product with each axis's interpolation matrix (two
+    weights per row), as :func:`dirnet_tf.spline_np.spline_on_axes` does with the spline basis."""
     out = field
     for d, q in enumerate(axes):
         n = out.shape[d]
         q = np.clip(np.asarray(q, dtype=np.float64), 0, n - 1)
         low = np.minimum(np.floor(q).astype(np.intp), max(n - 2, 0))
-        weight = (q - low).reshape([-1 if a == d else 1 for a in range(out.ndim)])
-        high = np.minimum(low + 1, n - 1)
-        out = np.take(out, low, axis=d) * (1 - weight) + np.take(out, high, axis=d) * weight
+        matrix = np.zeros((len(q), n))
+        rows = np.arange(len(q))
+        matrix[rows, low] = 1.0 - (q - low)
+        matrix[rows, np.minimum(low + 1, n - 1)] += q - low
+        out = np.moveaxis(np.tensordot(matrix, out, axes=([1], [d])), 0, d)
     return out
 
 
-def _sample(array, positions, boundary, order=1):
-    mode = "nearest" if boundary == "border" else "grid-constant"
-    return ndimage.map_coordinates(np.asarray(array, dtype=np.float64), positions, order=order, mode=mode,
-                                   cval=0.0, prefilter=False)
+def _as_image_tensor(array):
+    """A grey image as the resampler's input ``[1, *shape, 1]`` float32 (converted once per volume)."""
+    import tensorflow as tf
+
+    return tf.convert_to_tensor(np.asarray(array, dtype=np.float32)[None, ..., None])
+
+
+def _sample(image, positions, boundary):
+    """The image tensor of :func:`_as_image_tensor` linearly interpolated at ``positions`` ``[*block,
+    ndim]`` (voxel indices, ij) with the compiled resampler (``border``: the edge value beyond the
+    border, ``zeros``: 0), float32: ``map_coordinates(order=1, mode="nearest" | "grid-constant")``,
+    several times faster."""
+    from dirnet_tf.resample_op import resample
+
+    return resample(image, positions.astype(np.float32)[None], boundary).numpy()[0, ..., 0]
 
 
 def _prepare_maps(model, result):
@@ -545,12 +559,12 @@ def finish(model, result, want=None, slab_voxels=1 << 21):
     if any(x is not None for x in (image, field, field_fixed, warped_labels)):
         affine_m = image_affine(moving)
         linear_f, translation_f = planar_parts(image_affine(fixed), ndim)
+        moving_tensor = _as_image_tensor(moving.array) if image is not None else None
         for rows, p_f, p_m in fixed_slabs(model, result, slab_voxels):
-            positions = np.moveaxis(p_m, -1, 0)
             if image is not None:
-                image[rows] = _sample(moving.array, positions, model.boundary)
+                image[rows] = _sample(moving_tensor, p_m, model.boundary)
             if warped_labels is not None:
-                warped_labels[rows] = carry_labels(labels, positions, model.boundary)
+                warped_labels[rows] = carry_labels(labels, np.moveaxis(p_m, -1, 0), model.boundary)
             if field is not None:
                 field[rows] = p_m - p_f
             if field_fixed is not None:

@@ -409,3 +409,19 @@ def test_dense_field_on_separable_axes_equals_map_coordinates(ndim):
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-12)
     assert np.abs(expected).max() > 0.5
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("boundary,mode", [("border", "nearest"), ("zeros", "grid-constant")])
+def test_warped_intensities_by_the_compiled_resampler_equal_map_coordinates(ndim, boundary, mode):
+    from dirnet_tf.register_engine import _as_image_tensor, _sample
+
+    rng = np.random.default_rng(ndim)
+    image = rng.uniform(0, 100, size=(9, 11, 7)[:ndim])
+    positions = rng.uniform(-2, 12, size=(5, 6, 4)[:ndim] + (ndim,))  # inside and beyond the borders
+    got = _sample(_as_image_tensor(image), positions, boundary)
+    expected = ndimage.map_coordinates(image, np.moveaxis(positions, -1, 0), order=1, mode=mode, cval=0.0,
+                                       prefilter=False)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    assert np.std(expected) > 5
