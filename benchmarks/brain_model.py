@@ -13,7 +13,8 @@ Needs ``pip install -e .[brain,medical,baselines]`` (the templates, nibabel, itk
   mask, NCC inside the fixed brain mask between the fixed T1 and the moving *T1* carried by the
   same map (so both contrasts are scored alike), folding voxels (``det J <= 0`` of the map), seconds
   per volume (the whole ``register`` call: reading both files, the network, the outputs on the
-  fixed grid) and the network alone on the model grid.  ``before``: the scans as their headers
+  fixed grid), split into its parts for one pair (``register_seconds_mni<-robex``), and the network
+  alone on the model grid.  ``before``: the scans as their headers
   place them.  Grey / white matter Dice needs maps on both sides: ROBEX has none (held-out fields).
 * ``held_out_fields``: the test pairs of ``experiments.brain3d`` (each template under held-out
   random smooth fields of known truth, on the 2 mm model grid; rebuilt from that command's
@@ -135,6 +136,27 @@ def network_seconds(model, repeats=5):
     return time_per_pair(model.fn, pair[0], pair[1], batch_size=1, repeats=repeats)["ms_per_pair"] / 1e3
 
 
+def register_seconds(model, fixed_file, moving_file, repeats=3):
+    """Median seconds of the parts of one ``register`` call without refinement: ``read_and_prepare``
+    (both files read and brought onto the model grid through their headers), ``network`` (the served
+    model on the model grid) and ``outputs`` (warped image and displacement on the fixed grid), and
+    their ``total``."""
+    from dirnet_tf import register_engine
+
+    parts = {"read_and_prepare": [], "network": [], "outputs": [], "total": []}
+    for _ in range(repeats + 1):  # the first call traces and warms up: not counted
+        t0 = time.perf_counter()
+        details = register_engine.prepare_pair(model, fixed_file, moving_file, (None, None), init="header")
+        t1 = time.perf_counter()
+        register_engine.infer(model, [details])
+        t2 = time.perf_counter()
+        register_engine.finish(model, details, {"image", "field"})
+        t3 = time.perf_counter()
+        for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+            parts[key].append(value)
+    return {key: float(np.median(values[1:])) for key, values in parts.items()}
+
+
 def templates_section(model, steps_list, folder):
     """MNI <-> ROBEX, both ways, T1 and T2-like moving scans: the model (network, refined) and elastix."""
     import nibabel as nib
@@ -146,6 +168,7 @@ def templates_section(model, steps_list, folder):
     inputs = write_inputs(folder)
     scans = {name: Scan(inputs[name]) for name in ("mni", "robex")}
     report = {"network_seconds_model_grid": network_seconds(model),
+              "register_seconds_mni<-robex": register_seconds(model, inputs["mni"]["image"], inputs["robex"]["image"]),
               "elastix_parameter_files": [os.path.join("baselines", "elastix", n) for n in ELASTIX_FILES]}
     for contrast, similarity in CONTRASTS.items():
         for fixed_name, moving_name in (("mni", "robex"), ("robex", "mni")):
