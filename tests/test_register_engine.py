@@ -395,7 +395,7 @@ def test_chain_transformix_reproduces_w_and_maps_points(tmp_path, chain2d, chain
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_dense_field_on_separable_axes_equals_map_coordinates(ndim):
-    from dirnet_tf.register_engine import _linear_on_axes
+    from dirnet_tf.register_maps import _linear_on_axes
 
     rng = np.random.default_rng(ndim)
     shape = (7, 9, 6)[:ndim]
@@ -414,7 +414,7 @@ def test_dense_field_on_separable_axes_equals_map_coordinates(ndim):
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("boundary,mode", [("border", "nearest"), ("zeros", "grid-constant")])
 def test_warped_intensities_by_the_compiled_resampler_equal_map_coordinates(ndim, boundary, mode):
-    from dirnet_tf.register_engine import _as_image_tensor, _sample
+    from dirnet_tf.register_maps import _as_image_tensor, _sample
 
     rng = np.random.default_rng(ndim)
     image = rng.uniform(0, 100, size=(9, 11, 7)[:ndim])
