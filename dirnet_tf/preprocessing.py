@@ -100,13 +100,20 @@ def intensity_range(array, mode="percentile", mask=None, percentiles=(1.0, 99.0)
         if mask.shape != values.shape:
             raise InputError(f"mask of shape {mask.shape} does not match the image of shape {values.shape}")
         values = values[mask]
+    elif isinstance(array, np.ndarray) and np.may_share_memory(values, array):
+        values = values.copy()  # the percentiles below reorder it: never the caller's array
     if values.size == 0:
         raise InputError("cannot normalise: the mask selects no voxel")
     if mode == "percentile":
-        low, high = np.percentile(values, percentiles)
+        # ``values`` is this function's own copy, so the percentiles may reorder it in place (one copy
+        # of a large volume fewer); a percentile depends on the values only, not on their order.
         if foreground_high:
+            low = np.percentile(values, percentiles[0], overwrite_input=True)
             bright = values[values > low]
-            high = np.percentile(bright, percentiles[1]) if bright.size else high
+            high = (np.percentile(bright, percentiles[1], overwrite_input=True) if bright.size
+                    else np.percentile(values, percentiles[1], overwrite_input=True))
+        else:
+            low, high = np.percentile(values, percentiles, overwrite_input=True)
         if high > low:
             return float(low), float(high)
     return float(values.min()), float(values.max())

@@ -212,3 +212,20 @@ def test_modules_do_not_need_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(2, 2)"
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.int16])
+def test_intensity_range_equals_numpy_percentiles_and_leaves_the_input_alone(dtype):
+    from dirnet_tf.preprocessing import intensity_range
+
+    rng = np.random.default_rng(5)
+    image = (rng.gamma(2.0, 40.0, size=(20, 24, 18))).astype(dtype)
+    image[:4] = 0  # empty background
+    before = image.copy()
+    values = image.astype(np.float64)
+    low, high = np.percentile(values, [2.0, 98.0])
+    assert intensity_range(image, "percentile", percentiles=(2.0, 98.0)) == (low, high)
+    bright_high = np.percentile(values[values > low], 98.0)
+    assert intensity_range(image, "percentile", percentiles=(2.0, 98.0), foreground_high=True) == (low, bright_high)
+    assert bright_high != high
+    np.testing.assert_array_equal(image, before)
