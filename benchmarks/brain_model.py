@@ -37,7 +37,7 @@ import time
 import numpy as np
 from absl import flags
 
-from benchmarks.cli import parse
+from benchmarks.cli import parse, parse_sections, save_report
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("sections", "templates,held_out_fields", "Comma-separated sections to run.", flag_values=FLAGS)
@@ -160,9 +160,9 @@ def register_seconds(model, fixed_file, moving_file, repeats=3):
 def templates_section(model, steps_list, folder):
     """MNI <-> ROBEX, both ways, T1 and T2-like moving scans: the model (network, refined) and elastix."""
     import nibabel as nib
-    from scipy import ndimage
 
     import dirnet_tf
+    from data import brain as brain_data
     from dirnet_tf.elastix import register_pairs
 
     inputs = write_inputs(folder)
@@ -192,8 +192,7 @@ def templates_section(model, steps_list, folder):
                 moving_image = np.asarray(nib.load(moving_file).dataobj, np.float32)
                 for metric in (("ncc",) if contrast == "t1" else ("ncc", "mi")):
                     start = time.perf_counter()
-                    on_fixed = ndimage.map_coordinates(moving_image, header_map(fixed, moving), order=1,
-                                                       mode="constant", cval=0.0)
+                    on_fixed = brain_data.resample_world(moving_image, moving.affine, fixed.affine, fixed.t1.shape)
                     resample_seconds = time.perf_counter() - start
                     out = register_pairs(fixed.t1[None], on_fixed[None], _elastix_files(), ndim=3,
                                          spacing=fixed.spacing, overrides=ELASTIX_METRICS[metric])
@@ -265,10 +264,8 @@ def main(argv=None):
     argv = parse(FLAGS, "benchmarks.brain_model", argv)
     if argv is None:
         return 2
-    names = [s.strip() for s in FLAGS.sections.split(",") if s.strip()]
-    unknown = [n for n in names if n not in SECTIONS]
-    if unknown:
-        print(f"error: unknown section(s) {', '.join(unknown)}; use {', '.join(SECTIONS)}", file=sys.stderr)
+    names = parse_sections(FLAGS.sections, SECTIONS)
+    if names is None:
         return 2
     from dirnet_tf.console import import_tensorflow_quietly
 
@@ -282,11 +279,8 @@ def main(argv=None):
     for name in names:
         print(f"[{name}]", flush=True)
         report[name] = SECTIONS[name](model, steps_list, os.path.join(FLAGS.folder, name))
-        if FLAGS.json:  # after every section, so a long run keeps what it measured
-            os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-            with open(FLAGS.json + ".tmp", "w") as fh:
-                json.dump(report, fh, indent=2, default=float)
-            os.replace(FLAGS.json + ".tmp", FLAGS.json)
+        if FLAGS.json:
+            save_report(FLAGS.json, report)
     print(f"wrote {FLAGS.json}" if FLAGS.json else json.dumps(report, indent=1, default=float))
     return 0
 

@@ -37,3 +37,26 @@ def parse(flag_values, program, argv=None):
         print(f"error: python -m {program}: unexpected arguments {rest[1:]}", file=sys.stderr)
         return None
     return argv
+
+
+def parse_sections(text, known):
+    """The section names of a comma-separated ``--sections`` value, or ``None`` after printing
+    ``error: ...`` naming the unknown ones and the known ones (the caller exits with status 2)."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(f"error: unknown section(s) {', '.join(unknown)}; use {', '.join(known)}", file=sys.stderr)
+        return None
+    return names
+
+
+def save_report(path, report):
+    """Write ``report`` as indented JSON to ``path`` through a temporary file renamed into place (called
+    after every section, so a long run keeps what it has measured); its folder is created."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(report, fh, indent=2, default=float)
+    os.replace(path + ".tmp", path)

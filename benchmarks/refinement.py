@@ -35,7 +35,7 @@ import time
 import numpy as np
 from absl import flags
 
-from benchmarks.cli import parse
+from benchmarks.cli import parse, parse_sections, save_report
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("sections", "brain3d,reoriented,echo,mnist", "Comma-separated sections to run.",
@@ -302,10 +302,8 @@ def main(argv=None):
     steps_list = [int(s) for s in FLAGS.refine_steps.split(",") if s.strip()]
     report = {"refine_steps": steps_list, "command": "python -m benchmarks.refinement " + " ".join(argv),
               "cpu_count": os.cpu_count()}
-    names = [s.strip() for s in FLAGS.sections.split(",") if s.strip()]
-    unknown = [n for n in names if n not in SECTIONS]
-    if unknown:
-        print(f"error: unknown section(s) {', '.join(unknown)}; use {', '.join(SECTIONS)}", file=sys.stderr)
+    names = parse_sections(FLAGS.sections, SECTIONS)
+    if names is None:
         return 2
     for name in names:
         flag, command, run = SECTIONS[name]
@@ -320,11 +318,8 @@ def main(argv=None):
             else:
                 report[name] = run(model, steps_list)
             report[name]["export"] = path
-        if FLAGS.json:  # after every section, so a long run keeps what it measured
-            os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-            with open(FLAGS.json + ".tmp", "w") as fh:
-                json.dump(report, fh, indent=2, default=float)
-            os.replace(FLAGS.json + ".tmp", FLAGS.json)
+        if FLAGS.json:
+            save_report(FLAGS.json, report)
     print(f"wrote {FLAGS.json}" if FLAGS.json else json.dumps(report, indent=1, default=float))
     return 0
 
