@@ -35,6 +35,16 @@ print(json.dumps({"path": model.path, "shape": list(result.warped.shape), "init"
 """
 
 
+@pytest.fixture(scope="module")
+def small_templates(tmp_path_factory):
+    """Both brain templates as NIfTI (T1 and labels) on 96x112x96 boxes of 2 mm, each centred on its brain
+    (:func:`data.brain.write_aligned_volumes`), written once for this module's tests."""
+    from data import brain as brain_data
+
+    folder = tmp_path_factory.mktemp("templates")
+    return folder, brain_data.write_aligned_volumes(str(folder), (48, 56, 48), (4.0, 4.0, 4.0))
+
+
 def test_shipped_brain_model_is_small_and_documented():
     files = [os.path.join(d, f) for d, _, names in os.walk(BRAIN) for f in names]
     assert sum(os.path.getsize(f) for f in files) < 8 * 2 ** 20
@@ -59,15 +69,15 @@ def test_brain_metadata_matches_its_signature():
 
 
 @needs_volumes
-def test_brain_loads_by_name_in_a_fresh_process_and_registers_two_templates(tmp_path):
+def test_brain_loads_by_name_in_a_fresh_process_and_registers_two_templates(tmp_path, small_templates):
     from data import brain as brain_data
     from dirnet_tf import metrics, readers
 
-    inputs = brain_data.write_aligned_volumes(str(tmp_path / "in"), (48, 56, 48), (4.0, 4.0, 4.0))
+    folder, inputs = small_templates
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir()
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", FRESH_SCRIPT, str(tmp_path / "in")], cwd=run_dir, env=env,
+    done = subprocess.run([sys.executable, "-c", FRESH_SCRIPT, str(folder)], cwd=run_dir, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -120,14 +130,13 @@ def test_a_2d_image_given_to_the_brain_model_is_a_clear_error(tmp_path):
 
 
 @needs_volumes
-def test_brain_model_refines_across_contrasts_with_mutual_information(tmp_path):
+def test_brain_model_refines_across_contrasts_with_mutual_information(tmp_path, small_templates):
     import nibabel as nib
 
-    from data import brain as brain_data
     from data import brain_labels
     from dirnet_tf import metrics
 
-    inputs = brain_data.write_aligned_volumes(str(tmp_path), (48, 56, 48), (4.0, 4.0, 4.0))
+    _, inputs = small_templates
     t1 = nib.load(inputs["robex"]["image"])
     mask = np.asarray(nib.load(inputs["robex"]["labels"]).dataobj) > 0
     t2_path = str(tmp_path / "robex_t2.nii.gz")
