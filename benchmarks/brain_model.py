@@ -207,23 +207,13 @@ def templates_section(model, steps_list, folder):
 
 def brain3d_test_sets(folder):
     """The held-out-field test pairs of ``experiments.brain3d`` (its defaults) of both templates."""
-    from data import brain as brain_data
-    from dirnet_tf import train_data
     from dirnet_tf.config import TrainConfig
     from experiments import brain3d
 
     config = TrainConfig.from_dict(dict(brain3d.DEFAULTS, logdir=folder), extra_ok=True)
     config, inputs = brain3d.prepare_inputs(config)
-    trained = config.extra["brain_train_volume"]
-    volumes = {name: brain3d.model_volume(config, inputs, name) for name in brain_data.BRAIN_VOLUMES}
-    spacing = np.asarray(volumes[trained]["grid"].spacing, np.float64)
-    sets = {}
-    for name in brain_data.BRAIN_VOLUMES:
-        if name == trained:
-            sets[name] = train_data.make_splits_and_pairs(config, volumes[name])["test"]
-        else:
-            sets[name] = train_data.synthetic_plan(config, volumes[name])["test"]
-    return sets, spacing
+    volumes, _, sets = brain3d.held_out_sets(config, inputs)
+    return sets, np.asarray(volumes[next(iter(sets))]["grid"].spacing, np.float64)
 
 
 def held_out_fields_section(model, steps_list, folder):

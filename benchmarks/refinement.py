@@ -110,20 +110,15 @@ def _brief(row):
 
 def brain3d_section(model, steps_list):
     """Held-out fields (both volumes) and MNI <-> ROBEX."""
-    from data import brain as brain_data
-    from dirnet_tf import train_data
     from dirnet_tf.comparison import warp_and_score
     from dirnet_tf.elastix import register_pairs
     from experiments import brain3d
 
     config = _config(model)
     config, inputs = brain3d.prepare_inputs(config)
-    trained = config.extra.get("brain_train_volume", "mni")
-    other = [v for v in brain_data.BRAIN_VOLUMES if v != trained][0]
-    volumes = {name: brain3d.model_volume(config, inputs, name) for name in brain_data.BRAIN_VOLUMES}
+    volumes, _, sets = brain3d.held_out_sets(config, inputs)
+    trained, other = list(sets)
     spacing = np.asarray(volumes[trained]["grid"].spacing, np.float64)
-    sets = {trained: train_data.make_splits_and_pairs(config, volumes[trained])["test"],
-            other: train_data.synthetic_plan(config, volumes[other])["test"]}
 
     def elastix(fixed, moving):
         return register_pairs(fixed, moving, brain3d.ELASTIX_PARAMETER_FILE, ndim=3, spacing=spacing)

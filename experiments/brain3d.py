@@ -131,6 +131,26 @@ def model_volume(config, inputs, name):
     return train_data.load_collection(config.replace(images=inputs[name]["image"], labels=inputs[name]["labels"]))
 
 
+def held_out_sets(config, inputs):
+    """Both volumes on the model grid and the held-out-field test pairs of each.
+
+    Returns
+    -------
+    (dict, dict, dict)
+        ``volumes`` (:func:`model_volume` per name), ``plan`` (the training volume's
+        ``make_splits_and_pairs``) and ``sets``: per volume its test pairs -- the training run's for
+        the training volume, as many of the other volume from the same random stream.
+    """
+    from dirnet_tf import train_data
+
+    trained = config.extra.get("brain_train_volume", "mni")
+    volumes = {name: model_volume(config, inputs, name) for name in brain_data.BRAIN_VOLUMES}
+    plan = train_data.make_splits_and_pairs(config, volumes[trained])
+    sets = {name: plan["test"] if name == trained else train_data.synthetic_plan(config, volumes[name])["test"]
+            for name in (trained, *[v for v in brain_data.BRAIN_VOLUMES if v != trained])}
+    return volumes, plan, sets
+
+
 def elastix(config, spacing, message):
     """The elastix baseline of :mod:`dirnet_tf.comparison` (None with ``--noelastix``): 3-D pairs with
     this command's parameter file and threads (:func:`dirnet_tf.elastix.register_pairs`)."""
@@ -192,19 +212,16 @@ def evaluate_brain(config, inputs, result, start):
     dict
         The ``brain3d`` section of ``metrics.json``.
     """
-    from dirnet_tf import train_data
     from dirnet_tf.inference import load_export, time_per_pair
 
     own = config.extra
     served, _ = load_export(config.export_dir)
     trained = own["brain_train_volume"]
     other = [v for v in brain_data.BRAIN_VOLUMES if v != trained][0]
-    volumes = {name: model_volume(config, inputs, name) for name in brain_data.BRAIN_VOLUMES}
+    volumes, plan, sets = held_out_sets(config, inputs)  # the training run's test pairs; the other volume's
     grid = volumes[trained]["grid"]
     spacing = np.asarray(grid.spacing, np.float64)
     boundary = "border"
-    plan = train_data.make_splits_and_pairs(config, volumes[trained])  # the training run's test pairs
-    other_test = train_data.synthetic_plan(config, volumes[other])["test"]  # same random stream, other volume
     portable = brain_data.portable_brain_path
     report = {"train_volume": trained, "held_out_volume": other, "label_names": brain_data.BRAIN_LABEL_NAMES,
               "inputs": {k: ({kk: (portable(vv) if kk in ("image", "labels") else vv) for kk, vv in v.items()}
@@ -214,7 +231,7 @@ def evaluate_brain(config, inputs, result, start):
               "model_grid": {"shape": list(grid.shape), "spacing_mm": [float(s) for s in grid.spacing]},
               "synthetic": plan["deformation"].describe()}
     figures = {}
-    for key, name, test in (("held_out_fields", trained, plan["test"]), ("held_out_volume", other, other_test)):
+    for key, name, test in (("held_out_fields", trained, plan["test"]), ("held_out_volume", other, sets[other])):
         report[key], figures[name] = held_out_set(config, served, test, spacing, boundary, name)
     one = plan["test"]
     latency = time_per_pair(served, one["fixed"][:1], one["moving"][:1], batch_size=1, repeats=3, warmup=1)
