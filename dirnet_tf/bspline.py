@@ -23,7 +23,7 @@ once with numpy (:func:`dirnet_tf.spline_np.axis_basis`; the basis, the grid
 rule :func:`~dirnet_tf.spline_np.control_grid_shape` and the spacing rule
 :func:`~dirnet_tf.spline_np.normalize_spacing` live in :mod:`dirnet_tf.spline_np`,
 the one numpy spline), and the control points are contracted with one matrix per
-axis (``tensordot``).  This is exact for every image size and spacing,
+axis (:func:`contract_separable`: broadcast matmuls, no transposes).  This is exact for every image size and spacing,
 differentiable, and costs ``O(N K)`` per axis instead of a per-pixel loop.
 Derivatives of the field (used by the bending-energy regulariser) use the same
 machinery with the derivatives of ``beta3``.
@@ -42,23 +42,45 @@ __all__ = [
     "bounded_control_points",
     "bspline_jacobian_determinant",
     "map_determinant",
+    "contract_separable",
 ]
+
+
+def contract_separable(values, matrices):
+    """Contract axes ``1..n`` of ``values [B, K_1, ..., K_n, C]`` with one ``[N_d, K_d]`` matrix each.
+
+    Returns ``[B, N_1, ..., N_n, C]`` with ``out[b, i, ..., c] = sum_k W_1[i_1, k_1] ... W_n[i_n, k_n]
+    values[b, k, ..., c]``, without a transpose forward or backward: axis ``d < n`` is one
+    broadcast matmul of ``W_d`` with ``values`` reshaped to ``[B N_1 ... N_{d-1}, K_d, K_{d+1} ...
+    K_n C]``; the last axis, whose rows would be only ``C`` long, is one plain matmul of ``[B N_1
+    ... N_{n-1}, K_n C]`` with ``(W_n kron I_C)^T``.  ``matrices`` may be numpy arrays or tensors
+    (static shapes); the spatial sizes and ``C`` of ``values`` must be static.
+    """
+    out = tf.convert_to_tensor(values)
+    n = len(matrices)
+    sizes = out.shape.as_list()[1:]  # [K_1, ..., K_n, C]
+    if out.shape.rank != n + 2 or any(k is None for k in sizes):
+        raise ValueError(f"values must be [B, K_1, ..., K_{n}, C] with static K and C, got {out.shape}")
+    channels = sizes[-1]
+    for d, w in enumerate(matrices):
+        if d < n - 1:
+            w = tf.convert_to_tensor(w, dtype=out.dtype)
+            out = tf.matmul(w, tf.reshape(out, [-1, sizes[d], int(np.prod(sizes[d + 1:]))]))
+        else:
+            if isinstance(w, np.ndarray):
+                kron = tf.constant(np.kron(w, np.eye(channels)).T, dtype=out.dtype)
+            else:
+                eye = tf.eye(channels, dtype=out.dtype)
+                kron = tf.reshape(tf.einsum("jl,cd->lcjd", tf.cast(w, out.dtype), eye),
+                                  [w.shape[1] * channels, w.shape[0] * channels])
+            out = tf.matmul(tf.reshape(out, [-1, sizes[d] * channels]), kron)
+        sizes[d] = int(w.shape[0])
+    return tf.reshape(out, [-1] + sizes)
 
 
 def _apply_separable(control_points, weights):
     """Contract ``control_points [B, *K, C]`` with one ``[N_d, K_d]`` matrix per axis."""
-    out = control_points
-    ndim = len(weights)
-    for d, w in enumerate(weights):
-        w = tf.constant(w, dtype=out.dtype)
-        # Contract axis (1 + d) of `out` with axis 1 of w; the new axis goes last.
-        out = tf.tensordot(out, w, axes=[[1 + d], [1]])
-        # out: [B, (axes != d in order...), C, N_d]; move N_d back to position 1 + d.
-        rank = ndim + 2
-        perm = list(range(rank - 1))
-        perm.insert(1 + d, rank - 1)
-        out = tf.transpose(out, perm)
-    return out
+    return contract_separable(control_points, weights)
 
 
 def bspline_displacement(control_points, image_shape, grid_spacing):
@@ -322,7 +344,9 @@ def map_determinant(derivatives):
     Tensor ``[...]`` (its gradient stays finite where the Jacobian is singular).
     """
     ndim = len(derivatives)
-    j = [[derivatives[b][..., a] + (1.0 if a == b else 0.0) for b in range(ndim)] for a in range(ndim)]
+    # unstack, not [..., a]: its gradient stacks instead of padding every slice to the full size
+    parts = [tf.unstack(d, num=ndim, axis=-1) for d in derivatives]
+    j = [[parts[b][a] + (1.0 if a == b else 0.0) for b in range(ndim)] for a in range(ndim)]
     if ndim == 2:
         return j[0][0] * j[1][1] - j[0][1] * j[1][0]
     return (

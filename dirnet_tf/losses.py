@@ -381,22 +381,42 @@ def bending_energy(control_points, image_shape, grid_spacing, reduction="mean"):
 
 
 def _np_gradient(x, axis):
-    """``np.gradient`` along ``axis`` (unit spacing, first-order edges), TF."""
+    """``np.gradient`` along ``axis`` (unit spacing, first-order edges), TF.
+
+    The gradient is written out (the adjoint difference operator, built from slices and one
+    concat) instead of left to autodiff, whose slice gradients pad every slice to the full size.
+    """
     n = x.shape[axis]
     if n is None or n < 2:
         raise ValueError(f"need at least 2 samples along axis {axis} for a gradient, got {x.shape}")
+    rank = x.shape.rank
 
-    def sl(start, stop):
-        index = [slice(None)] * x.shape.rank
+    def sl(t, start, stop):
+        index = [slice(None)] * rank
         index[axis] = slice(start, stop)
-        return x[tuple(index)]
+        return t[tuple(index)]
 
-    first = sl(1, 2) - sl(0, 1)
-    last = sl(n - 1, n) - sl(n - 2, n - 1)
-    if n == 2:
-        return tf.concat([first, last], axis=axis)
-    interior = (sl(2, n) - sl(0, n - 2)) * 0.5
-    return tf.concat([first, interior, last], axis=axis)
+    @tf.custom_gradient
+    def difference(t):
+        first = sl(t, 1, 2) - sl(t, 0, 1)
+        last = sl(t, n - 1, n) - sl(t, n - 2, n - 1)
+        out = tf.concat([first, last] if n == 2 else [first, (sl(t, 2, n) - sl(t, 0, n - 2)) * 0.5, last],
+                        axis=axis)
+
+        def grad(upstream):
+            # y_0 = t_1 - t_0, y_i = (t_{i+1} - t_{i-1}) / 2, y_{n-1} = t_{n-1} - t_{n-2}; with
+            # g = (y'_0, y'_1 / 2, ..., y'_{n-2} / 2, y'_{n-1}) the adjoint is
+            # t'_0 = -g_0 - g_1, t'_j = g_{j-1} - g_{j+1}, t'_{n-1} = g_{n-2} + g_{n-1}.
+            if n == 2:
+                g = sl(upstream, 0, 1) + sl(upstream, 1, 2)
+                return tf.concat([-g, g], axis=axis)
+            g = tf.concat([sl(upstream, 0, 1), sl(upstream, 1, n - 1) * 0.5, sl(upstream, n - 1, n)], axis=axis)
+            return tf.concat([-sl(g, 0, 1) - sl(g, 1, 2), sl(g, 0, n - 2) - sl(g, 2, n),
+                              sl(g, n - 2, n - 1) + sl(g, n - 1, n)], axis=axis)
+
+        return out, grad
+
+    return difference(x)
 
 
 def jacobian_determinant(displacement):

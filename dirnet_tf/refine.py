@@ -98,7 +98,7 @@ import tensorflow as tf
 
 from dirnet_tf import losses
 from dirnet_tf.affine import AFFINE_MATRIX_BOUND, affine_displacement
-from dirnet_tf.bspline import bspline_displacement, injectivity_bound
+from dirnet_tf.bspline import bspline_displacement, contract_separable, injectivity_bound
 from dirnet_tf.resample_op import BOUNDARY_MODES, resample
 from dirnet_tf.spline_np import axis_basis, control_grid_shape, normalize_spacing
 from dirnet_tf.warping import compose_displacements, warp
@@ -206,10 +206,10 @@ class _Problem:
                                          ).astype(np.float32)
         self.centre = np.array([(n - 1) / 2.0 for n in shape], np.float32)
         self._bases = {}
-        self.forward = tf.function(self._forward, autograph=False)
-        self.dense_step = tf.function(self._dense_step, autograph=False)
-        self.folds = tf.function(self._folds, autograph=False)
-        self.strided_step = tf.function(self._strided_step, autograph=False)
+        # reduce_retracing: one trace serves every batch size (a last, smaller batch does not retrace)
+        self.forward = tf.function(self._forward, autograph=False, reduce_retracing=True)
+        self.folds = tf.function(self._folds, autograph=False, reduce_retracing=True)
+        self.iterate = tf.function(self._iterate, autograph=False, reduce_retracing=True)
 
     # -- the parametrisation ------------------------------------------------------------------
     def squash(self, raw):
@@ -243,6 +243,11 @@ class _Problem:
 
     # -- the objective on the model grid (the model's construction) ---------------------------
     def _forward(self, fixed, moving, values):
+        return self._objective(fixed, moving, values)[:3]
+
+    def _objective(self, fixed, moving, values):
+        """``(loss [B], warped, total, det)``; ``det`` is the total field's Jacobian determinant where
+        the folding penalty computed it (``folding_weight > 0``), else None."""
         total = None
         for (kind, spacing), p in zip(self.layout, values):
             field = affine_displacement(p, self.shape) if kind == "affine" else \
@@ -250,9 +255,11 @@ class _Problem:
             total = field if total is None else compose_displacements(total, field)
         warped = warp(moving, total, boundary=self.boundary)
         loss = self.similarity(fixed, warped, reduction="none") + self._regularisers(values)
-        if self.folding_weight:
-            loss = loss + self.folding_weight * losses.folding_penalty(total, reduction="none")
-        return loss, warped, total
+        det = None
+        if self.folding_weight:  # losses.folding_penalty(total), its determinant kept for the fold count
+            det = losses.jacobian_determinant(total)
+            loss = loss + self.folding_weight * tf.reduce_mean(tf.nn.relu(-det), axis=list(range(1, self.ndim + 1)))
+        return loss, warped, total, det
 
     def _regularisers(self, values):
         energies = [_bending_energy(p, g) for p, g in zip(values, self.grams) if g is not None]
@@ -288,10 +295,7 @@ class _Problem:
                 field = tf.einsum("bij,...j->b...i", matrix, grid - self.centre) + tf.reshape(
                     p[:, ndim * ndim:], [-1] + [1] * ndim + [ndim])
             else:
-                field = p
-                for a in range(ndim):
-                    field = tf.tensordot(field, tf.gather(tf.constant(basis[a]), offset[a]), axes=[[1 + a], [1]])
-                    field = tf.transpose(field, _move_last_to(1 + a, ndim + 2))
+                field = contract_separable(p, [tf.gather(tf.constant(basis[a]), offset[a]) for a in range(ndim)])
             if total is not None:  # compose_displacements on the sub-grid (its index = (x - o) / stride)
                 coords = (grid + field - tf.cast(offset, tf.float32)) / float(stride)
                 field = field + resample(total, coords, boundary="border")
@@ -319,23 +323,23 @@ class _Problem:
         step = (m / (1 - b1 ** t)) / (tf.sqrt(v / (1 - b2 ** t)) + eps)
         return raw - (lr * tf.constant(self.flat_scale)) * step, m, v
 
-    def _folds(self, total):
+    def _folds(self, total, det=None):
         """Voxels per pair where the field folds: ``det J <= 0`` by finite differences, as
         :func:`dirnet_tf.metrics.jacobian_determinant` counts them (float32 ``[B]``)."""
-        det = losses.jacobian_determinant(total)
+        if det is None:
+            det = losses.jacobian_determinant(total)
         return tf.reduce_sum(tf.cast(det <= 0, tf.float32), axis=list(range(1, det.shape.rank)))
 
-    def _dense_step(self, fixed, moving, raw, m, v, t, lr, best_values, best_loss, max_folds):
+    def _dense_step(self, fixed, moving, raw, m, v, t, lr, best_raw, best_loss, max_folds):
         with tf.GradientTape() as tape:
             tape.watch(raw)
-            values = self.squash(raw)
-            loss, _, field = self._forward(fixed, moving, values)
+            loss, _, field, det = self._objective(fixed, moving, self.squash(raw))
             total = tf.reduce_sum(loss)
+        improved = (loss < best_loss) & (self._folds(field, tf.stop_gradient(det) if det is not None else None)
+                                         <= max_folds)
+        best_raw = tf.where(improved[:, None], raw, best_raw)
         raw, m, v = self._adam(raw, tape.gradient(total, raw), m, v, t, lr)
-        improved = (loss < best_loss) & (self._folds(field) <= max_folds)
-        best_values = [tf.where(tf.reshape(improved, [-1] + [1] * (b.shape.rank - 1)), val, b)
-                       for val, b in zip(values, best_values)]
-        return loss, raw, m, v, best_values, tf.where(improved, loss, best_loss)
+        return loss, raw, m, v, best_raw, tf.where(improved, loss, best_loss)
 
     def _strided_step(self, fixed, moving, raw, m, v, t, lr, offset, stride):
         with tf.GradientTape() as tape:
@@ -345,11 +349,38 @@ class _Problem:
         raw, m, v = self._adam(raw, tape.gradient(total, raw), m, v, t, lr)
         return loss, raw, m, v
 
+    def _iterate(self, fixed, moving, state, first, last, steps, lr, seed, stride):
+        """Iterations ``first .. last - 1`` (0-based) of ``steps``, in one graph (a ``tf.while_loop``).
 
-def _move_last_to(position, rank):
-    perm = list(range(rank - 1))
-    perm.insert(position, rank - 1)
-    return perm
+        ``state = (raw, m, v, best_raw, best_loss, max_folds)``; returns the new state and the
+        objective of every iteration's starting point ``[last - first, B]``.  The step size of
+        iteration ``i`` follows the cosine decay ``lr (f + (1 - f) (1 + cos(pi i / steps)) / 2)``;
+        the sub-grid offset of iteration ``i`` is drawn from ``seed`` and ``i`` alone
+        (``tf.random.stateless_uniform``), so a run is the same however it is cut into calls.
+        """
+        raw, m, v, best_raw, best_loss, max_folds = state
+        ndim = self.ndim
+
+        def body(i, raw, m, v, best_raw, best_loss, history):
+            t = tf.cast(i + 1, tf.float32)
+            frac = tf.cast(i, tf.float32) / tf.cast(steps, tf.float32)
+            rate = lr * (_FINAL_LR + (1 - _FINAL_LR) * 0.5 * (1 + tf.cos(np.pi * frac)))
+            if stride == 1:
+                loss, raw, m, v, best_raw, best_loss = self._dense_step(fixed, moving, raw, m, v, t, rate,
+                                                                           best_raw, best_loss, max_folds)
+            else:
+                offset = tf.random.stateless_uniform([ndim], tf.stack([seed, i]), 0, stride, dtype=tf.int32)
+                loss, raw, m, v = self._strided_step(fixed, moving, raw, m, v, t, rate, offset, stride)
+            return i + 1, raw, m, v, best_raw, best_loss, history.write(i - first, loss)
+
+        history = tf.TensorArray(tf.float32, size=last - first, element_shape=best_loss.shape)
+        _, raw, m, v, best_raw, best_loss, history = tf.while_loop(
+            lambda i, *_: i < last, body, (first, raw, m, v, best_raw, best_loss, history))
+        return (raw, m, v, best_raw, best_loss, max_folds), history.stack()
+
+
+#: Iterations per call of the compiled loop (``progress`` is called after each call).
+_CHUNK = 10
 
 
 def _bending_grams(shape, spacing):
@@ -377,13 +408,7 @@ def _bending_energy(points, grams):
 
     @tf.custom_gradient
     def energy(c):
-        qc = None
-        for mats, weight in terms:
-            out = c
-            for a, g in enumerate(mats):
-                out = tf.tensordot(out, tf.constant(g), axes=[[1 + a], [1]])
-                out = tf.transpose(out, _move_last_to(1 + a, ndim + 2))
-            qc = weight * out if qc is None else qc + weight * out
+        qc = tf.add_n([weight * contract_separable(c, [tf.constant(g) for g in mats]) for mats, weight in terms])
         qc = qc / count
 
         def grad(upstream):
@@ -493,25 +518,23 @@ def refine_steps(fixed, moving, layout, params, num_steps, similarity="ncc", ben
 
     raw = tf.constant(problem.unsquash(params))  # [B, P]: all steps' parameters of a pair
     mom, vel = tf.zeros_like(raw), tf.zeros_like(raw)
-    best_values, best_loss = given, tf.constant(loss0)
+    best_raw, best_loss = raw, tf.constant(loss0)
     folds0 = problem.folds(tf.constant(total0))  # an iterate that folds more than the given chain is never kept
     if allow_folding:
         folds0 = tf.fill(tf.shape(folds0), np.float32(np.inf))
-    rng = np.random.default_rng(seed)
-    for it in range(steps):
-        t = tf.constant(it + 1.0)
-        rate = tf.constant(lr * (_FINAL_LR + (1 - _FINAL_LR) * 0.5 * (1 + np.cos(np.pi * it / steps))), tf.float32)
-        if stride == 1:
-            loss, raw, mom, vel, best_values, best_loss = problem.dense_step(f, m, raw, mom, vel, t, rate,
-                                                                             best_values, best_loss, folds0)
-        else:
-            offset = tf.constant(rng.integers(0, stride, ndim).astype(np.int32))
-            loss, raw, mom, vel = problem.strided_step(f, m, raw, mom, vel, t, rate, offset, stride)
-        history.append(float(np.mean(loss.numpy())))
-        if progress is not None:
-            progress(it + 1, history[-1])
-    return _choose(problem, f, m, params, (loss0, warped0, total0), problem.squash(raw),
-                   [b.numpy() for b in best_values], best_loss.numpy(), steps, history, start, folds0.numpy())
+    state = (raw, mom, vel, best_raw, best_loss, folds0)
+    for first in range(0, steps, _CHUNK):
+        last = min(first + _CHUNK, steps)
+        state, losses = problem.iterate(f, m, state, tf.constant(first), tf.constant(last), tf.constant(steps),
+                                        tf.constant(lr, tf.float32), tf.constant(int(seed), tf.int32), stride)
+        for it, value in enumerate(np.mean(losses.numpy(), axis=1), first):
+            history.append(float(value))
+            if progress is not None:
+                progress(it + 1, history[-1])
+    raw, _, _, best_raw, best_loss, _ = state
+    best_values = [b.numpy() for b in problem.squash(best_raw)]  # the best iterate seen (dense path)
+    return _choose(problem, f, m, params, (loss0, warped0, total0), problem.squash(raw), best_values,
+                   best_loss.numpy(), steps, history, start, folds0.numpy())
 
 
 def _choose(problem, f, m, params, initial, last, best_values, best_loss, steps, history, start, folds0):

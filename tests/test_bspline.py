@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import dirnet_tf
-from dirnet_tf.bspline import bspline_derivative
+from dirnet_tf.bspline import bspline_derivative, contract_separable
 from tests.transform_cases import beta3_reference as beta3_ref
 
 
@@ -91,6 +91,25 @@ def test_gradient_numerical():
     )
     np.testing.assert_allclose(theoretical[0], numerical[0], atol=1e-6)
     assert np.abs(theoretical[0]).sum() > 0
+
+
+@pytest.mark.parametrize("grid,out,channels", [((5, 6), (7, 8), 2), ((4, 5, 6), (3, 7, 2), 3), ((6,), (9,), 1)])
+@pytest.mark.parametrize("as_tensors", [False, True])
+def test_contract_separable_matches_einsum_with_its_gradient(grid, out, channels, as_tensors):
+    rng = np.random.default_rng(11)
+    values = rng.normal(size=(3,) + grid + (channels,))
+    mats = [rng.normal(size=(n, k)) for n, k in zip(out, grid)]
+    axes, outs = "abc"[:len(grid)], "pqr"[:len(grid)]
+    ref = np.einsum(f"z{axes}y," + ",".join(o + a for o, a in zip(outs, axes)) + f"->z{outs}y", values, *mats)
+    given = [tf.constant(w) for w in mats] if as_tensors else mats
+    got = contract_separable(tf.constant(values), given)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10, atol=1e-12)
+    theoretical, numerical = tf.test.compute_gradient(lambda v: contract_separable(v, given),
+                                                      [tf.constant(values[:1])])
+    np.testing.assert_allclose(theoretical[0], numerical[0], atol=1e-6)
+    with pytest.raises(ValueError, match="static"):
+        contract_separable(tf.constant(values[..., 0]), given)
 
 
 def test_3d_gradient_numerical():

@@ -280,6 +280,23 @@ def test_lncc_and_mi_refinement_lowers_their_objective(similarity, shape, layout
     assert result.final_loss[0] < result.initial_loss[0] - 0.02 * abs(result.initial_loss[0])
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_run_is_the_same_however_its_iterations_are_cut_into_calls(stride, monkeypatch):
+    """The iterations run in compiled chunks of refine._CHUNK; step sizes and sub-grid offsets depend on
+    the iteration alone, so chunks of 3 and of 10 give the same result (and 13 iterations cross chunks)."""
+    fixed, moving, _ = _known_pair(SHAPE_2D, LAYOUT_2D, seed=6)
+    start = _random_params(LAYOUT_2D, SHAPE_2D, 1, 0.3, 9)
+    runs = []
+    for chunk in (3, 10):
+        monkeypatch.setattr(refine, "_CHUNK", chunk)
+        runs.append(refine.refine_steps(fixed, moving, LAYOUT_2D, start, 13, bending_weight=0.1, stride=stride))
+    np.testing.assert_allclose(runs[0].history, runs[1].history, rtol=1e-5)
+    np.testing.assert_allclose(runs[0].final_loss, runs[1].final_loss, rtol=1e-5)
+    for a, b in zip(runs[0].params, runs[1].params):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert runs[0].final_loss[0] < runs[0].initial_loss[0]
+
+
 def test_progress_is_called_every_iteration_with_the_history():
     fixed, moving, _ = _known_pair(SHAPE_2D, LAYOUT_2D, seed=5)
     calls = []
