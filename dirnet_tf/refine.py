@@ -56,7 +56,7 @@ decay): 0.9912, but without a decay the 3-D endpoint error grows with N (MNI hel
 (endpoint error on MNI 0.34 / 0.32 / 0.32 mm at N=30 / 60 / 100, against 0.51 / 0.37 / 0.33
 with 0.9, 0.1) and a better echo sector NCC (N=30: 0.9713 against 0.9699).
 
-**The fast path (strided sub-grid).**  On the whole grid an iteration costs about 0.16 s for a
+**The fast path (strided sub-grid).**  On the whole grid an iteration costs about 0.09 s for a
 96 x 112 x 96 volume (two spline steps) on this 2-core CPU, too slow next to elastix.  Above
 :data:`DENSE_MAX_VOXELS` voxels the iterations therefore evaluate the same construction on every
 ``stride``-th voxel along each axis (:func:`auto_stride`: 3 for 96 x 112 x 96, 2 for 128 x 128, 1
@@ -69,28 +69,28 @@ bending energies stay exact.  The last iterate is then evaluated on the whole gr
 subset of 8192 voxels with the chain evaluated exactly at them (elastix's sampling; an earlier
 version of this module) was both slower and less accurate (3-D: 33 ms/iteration, NCC 0.938).
 
-**Measured** (this 2-core CPU with a training running beside, TF 2.21; ``B`` pairs refined
-together; elastix with the repository's parameter files, 2 threads, same pairs, same minutes):
+**Measured** (this 2-core CPU, nothing else running, TF 2.21; ``B`` pairs refined together):
 
-==================================  ======  =========  ============  ===========  ==========
-case (steps; weights)               stride  ms / iter  call / pair   elastix      NCC
-==================================  ======  =========  ============  ===========  ==========
-brain 96x112x96, MNI <- ROBEX,      3       16         0.57 s        6.4 s        0.728 ->
-[16, 8], bending 0.01, 30 iter.     2       30         0.98 s                     0.940 (s3),
-                                    1       156        4.8 s                      0.941 (s1)
-echo 128x128, [8, 4, 2, 2],         2       32 (B=16)  52 ms (B=16)  0.42 s       0.904 ->
-bending 0.1, 25 iterations          1       64 (B=16)  103 ms        (per pair)   0.968 (s2),
-                                    2       5.6 (B=1)  145 ms (B=1)               0.970 (s1)
-28x28 digit, [8, 8, 4, 4, 2, 2],    1       34 (B=64)  13 ms (B=64)  0.10 s       0.849 ->
-bending 0.01, folding 1, 25 iter.   1       2.9 (B=1)  76 ms (B=1)                0.992
-==================================  ======  =========  ============  ===========  ==========
+==========================================  ======  ================  ========================
+case (steps)                                stride  ms / iteration    whole call
+==========================================  ======  ================  ========================
+brain 96x112x96, [16, 8], ``ncc``           3       7.1               0.36 s at N=30
+                                            2       14                0.62 s
+                                            1       89                2.9 s
+the same, ``mi`` / ``lncc``                 3       15 / 34           0.84 s / 2.9 s
+echo 96x96, [8, 4, 2, 2], B=72              2       34 (0.47 / pair)  24 ms / pair at N=40
+28x28 digits, [8, 8, 4, 4, 2, 2], B=1000    1       143 (0.14 / pair) 6.4 ms / pair at N=40
+==========================================  ======  ================  ========================
 
-So a 3-D registration of 30 iterations takes 0.6 s (11x faster than elastix measured beside it,
-about 20x its 10-13 s in ``baselines/results``); 2-D pairs refined in batches take 8x less time
-than elastix at 25 iterations (10x at 20); a single 2-D pair is bound by per-operation overhead.
-The first call for a new grid or batch size also traces the functions (about 1-1.5 s).  ``mi``
-costs about 36 ms and ``lncc`` 75 ms per iteration on the 3-D sub-grid, and ``lncc``'s objective
-on the whole grid 0.9 s (twice per call).
+A whole call adds the whole-grid objective of the given and of the kept parameters (and, for
+``lncc``, its 9-voxel window on the whole grid, 0.9 s in 3-D); the first call for a new grid also
+traces the functions (about 1-1.5 s; every batch size shares that trace).  Against elastix on the
+same pairs (``python -m benchmarks.refinement``, ``baselines/results/README.md``): N=40 is 9-9.5x
+faster on brain volumes and 14-16x on echo and MNIST pairs, network included.  Where the time went
+before: autodiff of the Jacobian's slices padded each slice to the whole field, the separable
+B-spline contractions transposed their operands (now :func:`dirnet_tf.bspline.contract_separable`),
+and every iteration was one call from Python (now chunks of :data:`_CHUNK` in one
+``tf.while_loop``).
 
 All arrays are model-grid arrays: images ``[B, *shape, C]`` (already normalised as the model
 sees them), displacements and control points in model voxels, ij order.
