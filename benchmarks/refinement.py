@@ -2,6 +2,7 @@
 
     python -m benchmarks.refinement [--sections=brain3d,reoriented,echo,mnist] [--refine_steps=0,25,50,100]
         [--brain3d_export=exports/brain3d] [--echo_export=exports/echo] [--mnist_export=exports/mnist]
+        [--echo_batch_size=72] [--mnist_batch_size=1000]
         [--json=baselines/results/refinement_metrics.json]
 
 Every section uses an export written by its experiment (``python -m experiments.brain3d``,
