@@ -78,11 +78,6 @@ def contract_separable(values, matrices):
     return tf.reshape(out, [-1] + sizes)
 
 
-def _apply_separable(control_points, weights):
-    """Contract ``control_points [B, *K, C]`` with one ``[N_d, K_d]`` matrix per axis."""
-    return contract_separable(control_points, weights)
-
-
 def bspline_displacement(control_points, image_shape, grid_spacing):
     """Dense displacement field of a cubic B-spline control grid.
 
@@ -165,7 +160,7 @@ def bspline_derivative(control_points, image_shape, grid_spacing, orders=None):
     weights = [
         axis_basis(np.arange(n), s, k, o) for n, s, k, o in zip(shape, spacing, grid, orders)
     ]
-    return _apply_separable(control_points, weights)
+    return contract_separable(control_points, weights)
 
 
 # ---------------------------------------------------------------------------

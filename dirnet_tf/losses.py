@@ -44,6 +44,7 @@ __all__ = [
     "bending_energy",
     "jacobian_determinant",
     "folding_penalty",
+    "folding_penalty_of",
     "inverse_consistency_loss",
     "SIMILARITIES",
     "get",
@@ -457,7 +458,12 @@ def folding_penalty(displacement, epsilon=0.0, reduction="mean"):
         and gets zero gradient; use ``epsilon > 0`` to push such pixels back.
     reduction : ``"mean"`` or ``"none"``.
     """
-    det = jacobian_determinant(displacement)
+    return folding_penalty_of(jacobian_determinant(displacement), epsilon, reduction)
+
+
+def folding_penalty_of(det, epsilon=0.0, reduction="mean"):
+    """:func:`folding_penalty` from an already computed ``det [B, *spatial]`` (of
+    :func:`jacobian_determinant`): ``mean_x relu(epsilon - det(x))`` per pair."""
     values = tf.reduce_mean(tf.nn.relu(epsilon - det), axis=list(range(1, det.shape.rank)))
     return _reduce(values, reduction)
 

@@ -265,7 +265,7 @@ class _Problem:
         det = None
         if self.folding_weight:  # losses.folding_penalty(total), its determinant kept for the fold count
             det = losses.jacobian_determinant(total)
-            loss = loss + self.folding_weight * tf.reduce_mean(tf.nn.relu(-det), axis=list(range(1, self.ndim + 1)))
+            loss = loss + self.folding_weight * losses.folding_penalty_of(det, reduction="none")
         return loss, warped, total, det
 
     def _regularisers(self, values):
@@ -342,8 +342,7 @@ class _Problem:
             tape.watch(raw)
             loss, _, field, det = self._objective(fixed, moving, self.squash(raw))
             total = tf.reduce_sum(loss)
-        improved = (loss < best_loss) & (self._folds(field, tf.stop_gradient(det) if det is not None else None)
-                                         <= max_folds)
+        improved = (loss < best_loss) & (self._folds(field, det) <= max_folds)
         best_raw = tf.where(improved[:, None], raw, best_raw)
         raw, m, v = self._adam(raw, tape.gradient(total, raw), m, v, t, lr)
         return loss, raw, m, v, best_raw, tf.where(improved, loss, best_loss)
@@ -356,16 +355,16 @@ class _Problem:
         raw, m, v = self._adam(raw, tape.gradient(total, raw), m, v, t, lr)
         return loss, raw, m, v
 
-    def _iterate(self, fixed, moving, state, first, last, steps, lr, seed, stride):
+    def _iterate(self, fixed, moving, state, max_folds, first, last, steps, lr, seed, stride):
         """Iterations ``first .. last - 1`` (0-based) of ``steps``, in one graph (a ``tf.while_loop``).
 
-        ``state = (raw, m, v, best_raw, best_loss, max_folds)``; returns the new state and the
+        ``state = (raw, m, v, best_raw, best_loss)``; returns the new state and the
         objective of every iteration's starting point ``[last - first, B]``.  The step size of
         iteration ``i`` follows the cosine decay ``lr (f + (1 - f) (1 + cos(pi i / steps)) / 2)``;
         the sub-grid offset of iteration ``i`` is drawn from ``seed`` and ``i`` alone
         (``tf.random.stateless_uniform``), so a run is the same however it is cut into calls.
         """
-        raw, m, v, best_raw, best_loss, max_folds = state
+        raw, m, v, best_raw, best_loss = state
         ndim = self.ndim
 
         def body(i, raw, m, v, best_raw, best_loss, history):
@@ -374,7 +373,7 @@ class _Problem:
             rate = lr * (_FINAL_LR + (1 - _FINAL_LR) * 0.5 * (1 + tf.cos(np.pi * frac)))
             if stride == 1:
                 loss, raw, m, v, best_raw, best_loss = self._dense_step(fixed, moving, raw, m, v, t, rate,
-                                                                           best_raw, best_loss, max_folds)
+                                                                        best_raw, best_loss, max_folds)
             else:
                 offset = tf.random.stateless_uniform([ndim], tf.stack([seed, i]), 0, stride, dtype=tf.int32)
                 loss, raw, m, v = self._strided_step(fixed, moving, raw, m, v, t, rate, offset, stride)
@@ -383,7 +382,7 @@ class _Problem:
         history = tf.TensorArray(tf.float32, size=last - first, element_shape=best_loss.shape)
         _, raw, m, v, best_raw, best_loss, history = tf.while_loop(
             lambda i, *_: i < last, body, (first, raw, m, v, best_raw, best_loss, history))
-        return (raw, m, v, best_raw, best_loss, max_folds), history.stack()
+        return (raw, m, v, best_raw, best_loss), history.stack()
 
 
 #: Iterations per call of the compiled loop (``progress`` is called after each call).
@@ -529,16 +528,17 @@ def refine_steps(fixed, moving, layout, params, num_steps, similarity="ncc", ben
     folds0 = problem.folds(tf.constant(total0))  # an iterate that folds more than the given chain is never kept
     if allow_folding:
         folds0 = tf.fill(tf.shape(folds0), np.float32(np.inf))
-    state = (raw, mom, vel, best_raw, best_loss, folds0)
+    state = (raw, mom, vel, best_raw, best_loss)
     for first in range(0, steps, _CHUNK):
         last = min(first + _CHUNK, steps)
-        state, losses = problem.iterate(f, m, state, tf.constant(first), tf.constant(last), tf.constant(steps),
-                                        tf.constant(lr, tf.float32), tf.constant(int(seed), tf.int32), stride)
-        for it, value in enumerate(np.mean(losses.numpy(), axis=1), first):
+        state, chunk = problem.iterate(f, m, state, folds0, tf.constant(first), tf.constant(last),
+                                       tf.constant(steps), tf.constant(lr, tf.float32),
+                                       tf.constant(int(seed), tf.int32), stride)
+        for it, value in enumerate(np.mean(chunk.numpy(), axis=1), first):
             history.append(float(value))
             if progress is not None:
                 progress(it + 1, history[-1])
-    raw, _, _, best_raw, best_loss, _ = state
+    raw, _, _, best_raw, best_loss = state
     best_values = [b.numpy() for b in problem.squash(best_raw)]  # the best iterate seen (dense path)
     return _choose(problem, f, m, params, (loss0, warped0, total0), problem.squash(raw), best_values,
                    best_loss.numpy(), steps, history, start, folds0.numpy())
